@@ -1,0 +1,282 @@
+"""The fixed sparse mask: sorted flat indices per tensor, and its compact file."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+
+from . import _codec, _container
+from ._errors import FormatError, MaskMismatchError
+from ._io import atomic_write
+
+PathLike = str | Path
+
+
+class Mask:
+    """A fixed sparse mask: for each tensor name, the sorted flat indices that are trainable.
+
+    Indices are positions in the row-major flattened tensor (``t.reshape(-1)``).
+    A mask also knows the shape of each tensor it covers, including tensors with
+    no trainable entries.
+
+    Example:
+        >>> mask = Mask.from_bool({"w": torch.tensor([[True, False], [False, True]])})
+        >>> mask.k, mask.numel, mask["w"].tolist()
+        (2, 4, [0, 3])
+    """
+
+    __slots__ = ("_digest", "_indices", "_shapes")
+
+    def __init__(self, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> None:
+        """Builds a mask from already sorted, unique int64 indices; prefer the ``from_*`` constructors."""
+        if set(indices) != set(shapes):
+            missing = sorted(set(indices) ^ set(shapes))
+            raise MaskMismatchError(f"mask indices and shapes name different tensors: {missing}")
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._indices: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            shape_t = tuple(int(s) for s in shape)
+            if any(s < 0 for s in shape_t):
+                raise MaskMismatchError(f"mask tensor {name!r} has a negative dimension in shape {shape_t}")
+            index = indices[name]
+            if index.dtype != torch.int64 or index.dim() != 1:
+                raise MaskMismatchError(f"mask tensor {name!r}: indices must be a 1-d int64 tensor")
+            index = index.detach().to("cpu").contiguous()
+            numel = math.prod(shape_t)
+            if index.numel():
+                if bool((index[1:] <= index[:-1]).any()):
+                    raise MaskMismatchError(f"mask tensor {name!r}: indices must be sorted and unique")
+                if int(index[0]) < 0 or int(index[-1]) >= numel:
+                    raise MaskMismatchError(
+                        f"mask tensor {name!r}: index out of range for shape {shape_t} "
+                        f"({int(index[0])}..{int(index[-1])}, numel {numel})"
+                    )
+            self._shapes[name] = shape_t
+            self._indices[name] = index
+        self._digest: str | None = None
+
+    # Construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_bool(cls, mapping: Mapping[str, torch.Tensor]) -> Mask:
+        """From bool (or 0/1 numeric) tensors shaped like the parameters; True/1 is trainable."""
+        indices, shapes = {}, {}
+        for name, tensor in mapping.items():
+            flat = tensor.detach().reshape(-1)
+            if flat.dtype != torch.bool:
+                if flat.is_complex() or not bool(((flat == 0) | (flat == 1)).all()):
+                    raise MaskMismatchError(
+                        f"mask tensor {name!r} has values other than 0 and 1; pass bool or 0/1 tensors"
+                    )
+                flat = flat != 0
+            indices[name] = torch.nonzero(flat.cpu()).reshape(-1)
+            shapes[name] = tuple(tensor.shape)
+        return cls(indices, shapes)
+
+    @classmethod
+    def from_indices(
+        cls, mapping: Mapping[str, torch.Tensor | Sequence[int]], shapes: Mapping[str, Sequence[int]]
+    ) -> Mask:
+        """From flat indices per tensor (any order, no duplicates) and the tensors' shapes.
+
+        Tensors in ``shapes`` but not in ``mapping`` get no trainable entries.
+        """
+        unknown = sorted(set(mapping) - set(shapes))
+        if unknown:
+            raise MaskMismatchError(f"indices given for tensors without a shape: {unknown}")
+        indices = {}
+        for name in shapes:
+            raw = mapping.get(name, ())
+            index = torch.as_tensor(raw, dtype=torch.int64).reshape(-1).sort().values
+            if index.numel() > 1 and bool((index[1:] == index[:-1]).any()):
+                raise MaskMismatchError(f"mask tensor {name!r}: duplicate indices")
+            indices[name] = index
+        return cls(indices, shapes)
+
+    # Queries ----------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every tensor the mask covers, in order, including those with no entries."""
+        return tuple(self._shapes)
+
+    @property
+    def k(self) -> int:
+        """The number of trainable entries."""
+        return sum(index.numel() for index in self._indices.values())
+
+    @property
+    def numel(self) -> int:
+        """The number of entries in all covered tensors."""
+        return sum(math.prod(shape) for shape in self._shapes.values())
+
+    @property
+    def density(self) -> float:
+        """k / numel (0.0 for an empty mask)."""
+        numel = self.numel
+        return self.k / numel if numel else 0.0
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def counts(self) -> dict[str, int]:
+        """Trainable entries per tensor."""
+        return {name: index.numel() for name, index in self._indices.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The sorted int64 flat indices of tensor ``name``."""
+        try:
+            return self._indices[name]
+        except KeyError:
+            raise KeyError(f"the mask has no tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._indices
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __repr__(self) -> str:
+        return f"Mask(k={self.k}, numel={self.numel}, density={self.density:.4%}, tensors={len(self)})"
+
+    def to_bool(self) -> dict[str, torch.Tensor]:
+        """Bool tensors shaped like the parameters, True where trainable."""
+        out = {}
+        for name, shape in self._shapes.items():
+            flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+            flat[self._indices[name]] = True
+            out[name] = flat.reshape(shape)
+        return out
+
+    @property
+    def digest(self) -> str:
+        """The mask's identity: xxh3-128 of its names, shapes and indices, independent of file encoding."""
+        if self._digest is None:
+            hasher = xxhash.xxh3_128()
+            names = sorted(self._shapes)
+            table = [[name, list(self._shapes[name]), self._indices[name].numel()] for name in names]
+            hasher.update(json.dumps(table, separators=(",", ":")).encode())
+            for name in names:
+                hasher.update(self._indices[name].numpy().astype("<i8", copy=False).tobytes())
+            self._digest = hasher.hexdigest()
+        return self._digest
+
+    # Files ------------------------------------------------------------------------------------
+
+    def save(self, path: PathLike, *, overwrite: bool = True) -> int:
+        """Writes the compact mask file (docs/format.md, "Mask file") atomically.
+
+        Returns:
+            The number of bytes written.
+        """
+        all_indices = [self._indices[name].numpy() for name in self._shapes]
+        flat = np.concatenate(all_indices) if all_indices else np.zeros(0, np.int64)
+        # Gaps restart at each tensor: positions are made increasing across tensors by offsets.
+        offsets = np.repeat(
+            np.cumsum([0, *[math.prod(s) for s in self._shapes.values()][:-1]]).astype(np.int64),
+            [len(i) for i in all_indices],
+        ) if all_indices else np.zeros(0, np.int64)
+        width, sections = _codec.encode_positions(flat + offsets)
+        header = {
+            "kind": "mask",
+            "tensors": [[name, list(shape), self._indices[name].numel()] for name, shape in self._shapes.items()],
+            "gap_width": width,
+            "digest": self.digest,
+        }
+        return atomic_write(Path(path), _container.pack(_container.MASK_MAGIC, header, sections), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: PathLike) -> Mask:
+        """Reads a mask file: fishckpt's own, or safetensors / PyTorch files of bool or 0/1 tensors.
+
+        PyTorch files are read with ``torch.load(weights_only=True)``; no pickle code runs.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(16)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: mask file not found") from None
+        if head.startswith(_container.MASK_MAGIC):
+            return _read_mask_file(path)
+        if head.startswith(b"PK"):
+            return cls.from_bool(_load_torch_tensors(path))
+        if len(head) >= 9 and head[8:9] == b"{":
+            from safetensors.torch import load_file
+
+            return cls.from_bool(load_file(path))
+        raise FormatError(
+            f"{path}: not a mask file; expected a fishckpt mask, or a safetensors or PyTorch "
+            "file of bool or 0/1 tensors"
+        )
+
+
+def _load_torch_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A flat name -> tensor dict from a PyTorch file, loaded without running pickle code."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise FormatError(
+            f"{path}: refused: the file holds Python objects, not just tensors; "
+            "re-save it as a plain dict of tensors (or as safetensors)"
+        ) from error
+    except (RuntimeError, zipfile.BadZipFile, EOFError, struct.error) as error:
+        raise FormatError(f"{path}: cannot read as a PyTorch weights file: {error}") from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]  # common wrapper in training scripts
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise FormatError(f"{path}: expected a dict of tensor names to tensors")
+    return dict(loaded)
+
+
+def _read_mask_file(path: Path) -> Mask:
+    container = _container.read(path, _container.MASK_MAGIC, what="mask")
+    header = container.header
+    try:
+        table = [(str(name), tuple(int(s) for s in shape), int(count)) for name, shape, count in header["tensors"]]
+        width = int(header["gap_width"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(f"{path}: malformed mask header: {error}") from error
+    if width not in (4, 8) or len(header["sections"]) != width:
+        raise FormatError(f"{path}: unsupported gap width {width}")
+    total = sum(count for _, _, count in table)
+    if any(count < 0 for _, _, count in table) or total > sum(math.prod(shape) for _, shape, _ in table):
+        raise FormatError(f"{path}: mask header declares more entries than its tensors hold")
+    flat = _codec.decode_positions([container.section(i) for i in range(width)], total, width)
+    indices, shapes, start, offset = {}, {}, 0, 0
+    for name, shape, count in table:
+        if name in shapes:
+            raise FormatError(f"{path}: tensor {name!r} appears twice")
+        numel = math.prod(shape)
+        local = torch.from_numpy(flat[start : start + count] - offset)
+        if count and (int(local[0]) < 0 or int(local[-1]) >= numel):
+            raise FormatError(f"{path}: indices of tensor {name!r} are out of range for shape {shape}")
+        indices[name], shapes[name] = local, shape
+        start += count
+        offset += numel
+    mask = Mask(indices, shapes)
+    if header.get("digest") != mask.digest:
+        raise FormatError(f"{path}: mask content does not match its recorded digest")
+    return mask

@@ -1,0 +1,24 @@
+"""Shared fixtures and bit-exact comparison helpers."""
+
+from __future__ import annotations
+
+import torch
+
+from fishckpt._dtypes import word_view
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers, so equality is exact (NaN payloads, -0.0)."""
+    return word_view(tensor.detach().cpu().contiguous())
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor, *, key: str = "") -> None:
+    assert actual.dtype == expected.dtype, f"{key}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{key}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.equal(bits(actual), bits(expected)), f"{key}: bit patterns differ"
+
+
+def assert_state_bits_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(actual) == list(expected), "keys or their order differ"
+    for key in expected:
+        assert_bits_equal(actual[key], expected[key], key=key)
