@@ -5,7 +5,10 @@ from ._errors import (
     FishckptError,
     FormatError,
     IntegrityError,
+    InvalidArgumentError,
+    MaskLeakWarning,
     MaskMismatchError,
+    OutsideMaskError,
     OutsideMaskWarning,
     StateMismatchError,
     StepExistsError,
@@ -14,21 +17,30 @@ from ._errors import (
     StoreLockedError,
 )
 from ._mask import Mask
+from ._store import CheckpointInfo, CheckpointStore, SaveInfo, VerifyError, VerifyFailure
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseMismatchError",
+    "CheckpointInfo",
+    "CheckpointStore",
     "FishckptError",
     "FormatError",
     "IntegrityError",
+    "InvalidArgumentError",
     "Mask",
+    "MaskLeakWarning",
     "MaskMismatchError",
+    "OutsideMaskError",
     "OutsideMaskWarning",
+    "SaveInfo",
     "StateMismatchError",
     "StepExistsError",
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "VerifyError",
+    "VerifyFailure",
     "__version__",
 ]

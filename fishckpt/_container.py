@@ -85,9 +85,7 @@ class Container:
         if declared != raw_length:
             raise FormatError(f"{self.path}: section {index} declares {declared} bytes, header says {raw_length}")
         try:
-            out = zstandard.ZstdDecompressor().decompress(
-                payload, max_output_size=raw_length, allow_extra_data=False
-            )
+            out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_length, allow_extra_data=False)
         except zstandard.ZstdError as error:
             raise IntegrityError(f"{self.path}: section {index} does not decompress: {error}") from error
         if len(out) != raw_length:
@@ -113,8 +111,7 @@ def read(path: Path, magic: bytes, *, what: str) -> Container:
     body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
     if xxhash.xxh3_128_digest(body) != trailer:
         raise IntegrityError(
-            f"{path}: {what} file is corrupted or truncated (checksum mismatch); "
-            "restore it from a copy, or delete it"
+            f"{path}: {what} file is corrupted or truncated (checksum mismatch); restore it from a copy, or delete it"
         )
     file_magic, version, header_length = _PREFIX.unpack_from(data)
     if file_magic != magic:
@@ -135,11 +132,7 @@ def read(path: Path, magic: bytes, *, what: str) -> Container:
         raise FormatError(f"{path}: header has no sections table")
     offsets = [start + header_length]
     for entry in header["sections"]:
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 3
-            or not all(isinstance(x, int) and x >= 0 for x in entry[1:])
-        ):
+        if not isinstance(entry, list) or len(entry) != 3 or not all(isinstance(x, int) and x >= 0 for x in entry[1:]):
             raise FormatError(f"{path}: malformed section entry {entry!r}")
         offsets.append(offsets[-1] + entry[1])
     if offsets[-1] != len(body):

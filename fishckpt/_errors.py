@@ -7,7 +7,10 @@ __all__ = [
     "FishckptError",
     "FormatError",
     "IntegrityError",
+    "InvalidArgumentError",
+    "MaskLeakWarning",
     "MaskMismatchError",
+    "OutsideMaskError",
     "OutsideMaskWarning",
     "StateMismatchError",
     "StepExistsError",
@@ -31,6 +34,13 @@ class IntegrityError(FishckptError):
 
 class MaskMismatchError(FishckptError):
     """A mask does not fit the tensors it is applied to, or is not the store's mask."""
+
+
+class InvalidArgumentError(FishckptError, ValueError):
+    """An argument is out of range, conflicts with another, or is of an unsupported kind.
+
+    It is also a ValueError, so code written against the usual Python convention still catches it.
+    """
 
 
 class BaseMismatchError(FishckptError):
@@ -60,5 +70,13 @@ class StoreLockedError(FishckptError):
     """Another process holds the store's write lock."""
 
 
+class OutsideMaskError(FishckptError):
+    """A strict save found entries changed outside the mask; nothing was written."""
+
+
 class OutsideMaskWarning(UserWarning):
     """A saved state changed entries outside the mask; they were stored too."""
+
+
+class MaskLeakWarning(UserWarning):
+    """An optimizer will move weights outside the mask (weight decay, or momentum left from earlier steps)."""

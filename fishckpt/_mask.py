@@ -192,10 +192,14 @@ class Mask:
         all_indices = [self._indices[name].numpy() for name in self._shapes]
         flat = np.concatenate(all_indices) if all_indices else np.zeros(0, np.int64)
         # Gaps restart at each tensor: positions are made increasing across tensors by offsets.
-        offsets = np.repeat(
-            np.cumsum([0, *[math.prod(s) for s in self._shapes.values()][:-1]]).astype(np.int64),
-            [len(i) for i in all_indices],
-        ) if all_indices else np.zeros(0, np.int64)
+        offsets = (
+            np.repeat(
+                np.cumsum([0, *[math.prod(s) for s in self._shapes.values()][:-1]]).astype(np.int64),
+                [len(i) for i in all_indices],
+            )
+            if all_indices
+            else np.zeros(0, np.int64)
+        )
         width, sections = _codec.encode_positions(flat + offsets)
         header = {
             "kind": "mask",

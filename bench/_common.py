@@ -1,0 +1,76 @@
+"""Timing, peak-memory and table helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+@contextmanager
+def peak_rss_growth() -> Iterator[list[int]]:
+    """Samples RSS every millisecond; yields a list that receives the peak growth in bytes."""
+    start = rss_bytes()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    result: list[int] = []
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        peak[0] = max(peak[0], rss_bytes())
+        result.append(peak[0] - start)
+
+
+def best_of(repeats: int, run: Callable[[int], T]) -> tuple[float, int, T]:  # repeats >= 1
+    """Runs ``run(i)`` ``repeats`` times; returns (best seconds, peak RSS growth of that run, last result)."""
+    best, best_rss = float("inf"), 0
+    for i in range(repeats):
+        with peak_rss_growth() as growth:
+            start = time.perf_counter()
+            result = run(i)
+            seconds = time.perf_counter() - start
+        if seconds < best:
+            best, best_rss = seconds, growth[0]
+    return best, best_rss, result
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return "\n".join([line, rule, *body])
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"

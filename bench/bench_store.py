@@ -1,0 +1,217 @@
+"""Store benchmark (issue 2): fishckpt against dense saves and the FISH reference format, one run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, fsync_file, mib, table
+
+import fishckpt
+from fishckpt import CheckpointStore, Mask
+
+
+def synthetic_model(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
+    """A transformer-like fp32 state: two large linear weights per layer, biases and norms, N(0, 0.02)."""
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for layer in range(layers):
+        prefix = f"layers.{layer}"
+        state[f"{prefix}.ff_in.weight"] = torch.randn(4 * hidden, hidden, generator=generator) * 0.02
+        state[f"{prefix}.ff_in.bias"] = torch.randn(4 * hidden, generator=generator) * 0.02
+        state[f"{prefix}.ff_out.weight"] = torch.randn(hidden, 4 * hidden, generator=generator) * 0.02
+        state[f"{prefix}.ff_out.bias"] = torch.randn(hidden, generator=generator) * 0.02
+        state[f"{prefix}.norm.weight"] = torch.ones(hidden)
+        state[f"{prefix}.norm.bias"] = torch.zeros(hidden)
+    return state
+
+
+def random_mask(state: dict[str, torch.Tensor], keep_ratio: float, seed: int) -> Mask:
+    generator = torch.Generator().manual_seed(seed)
+    return Mask.from_bool({name: torch.rand(t.shape, generator=generator) < keep_ratio for name, t in state.items()})
+
+
+def random_walk(
+    state: dict[str, torch.Tensor], mask: Mask, steps: int, lr: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Each masked value moves by lr * sqrt(steps) * N(0, 1): a random walk of Adam-sized steps."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {name: t.clone() for name, t in state.items()}
+    for name in mask:
+        flat = out[name].view(-1)
+        index = mask[name]
+        flat[index] += lr * math.sqrt(steps) * torch.randn(index.numel(), generator=generator)
+    return out
+
+
+def _timed_rows(
+    base: dict[str, torch.Tensor],
+    tuned: dict[str, torch.Tensor],
+    other: dict[str, torch.Tensor],
+    mask: Mask,
+    work: Path,
+    repeats: int,
+) -> tuple[list[list[str]], dict[str, float]]:
+    dense = sum(t.numel() * t.element_size() for t in base.values())
+    k = mask.k
+    rows: list[list[str]] = []
+    figures: dict[str, float] = {}
+
+    def add(label: str, size: int, save: tuple[float, int], restore: tuple[float, int] | None, key: str) -> None:
+        figures[f"{key}.bytes"] = size
+        figures[f"{key}.save"] = save[0]
+        figures[f"{key}.restore"] = restore[0] if restore else float("nan")
+        rows.append(
+            [
+                label,
+                f"{size:,}",
+                f"{size / k:.3f}",
+                f"{save[0] * 1e3:,.1f}",
+                f"{restore[0] * 1e3:,.1f}" if restore else "-",
+                mib(save[1]),
+                mib(restore[1]) if restore else "-",
+            ]
+        )
+
+    # (a) safetensors
+    path_a = work / "dense.safetensors"
+
+    def save_a(_: int) -> None:
+        path_a.unlink(missing_ok=True)
+        save_file(tuned, path_a)
+        fsync_file(path_a)
+
+    def restore_a(_: int) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in load_file(path_a).items()}
+
+    s_a = best_of(repeats, save_a)
+    r_a = best_of(repeats, restore_a)
+    add("(a) safetensors.save_file + fsync", path_a.stat().st_size, s_a[:2], r_a[:2], "a")
+
+    # (b) torch.save
+    path_b = work / "dense.pt"
+
+    def save_b(_: int) -> None:
+        torch.save(tuned, path_b)
+        fsync_file(path_b)
+
+    s_b = best_of(repeats, save_b)
+    r_b = best_of(repeats, lambda _: torch.load(path_b, weights_only=True))
+    add("(b) torch.save + fsync", path_b.stat().st_size, s_b[:2], r_b[:2], "b")
+
+    # (c) the FISH reference code's sparse format: pickled {pos: int32, weight: values} per tensor
+    path_c = work / "fish_reference.pt"
+    base_file = work / "base_for_c.safetensors"
+    save_file(base, base_file)
+
+    def save_c(_: int) -> None:
+        sparse = {
+            name: {"pos": mask[name].to(torch.int32), "weight": tuned[name].reshape(-1)[mask[name]]}
+            for name in mask
+            if mask[name].numel()
+        }
+        torch.save(sparse, path_c)
+        fsync_file(path_c)
+
+    def restore_c(_: int) -> dict[str, torch.Tensor]:
+        state = {name: t.clone() for name, t in load_file(base_file).items()}
+        for name, record in torch.load(path_c, weights_only=True).items():
+            state[name].view(-1)[record["pos"].long()] = record["weight"]
+        return state
+
+    s_c = best_of(repeats, save_c)
+    r_c = best_of(repeats, restore_c)
+    add("(c) FISH reference: torch.save {pos, weight}", path_c.stat().st_size, s_c[:2], r_c[:2], "c")
+
+    # (d) fishckpt
+    store = CheckpointStore.create(work / "store", base, mask)
+    s_d = best_of(repeats, lambda i: store.save(tuned, 1, overwrite=i > 0))
+    info = store.info(1)
+    r_d = best_of(repeats, lambda _: store.load(1))
+    add("(d) fishckpt save (exact check) / load (verified)", info.bytes, s_d[:2], r_d[:2], "d")
+    s_fast = best_of(repeats, lambda i: store.save(tuned, 2, overwrite=i > 0, check_outside_mask=False))
+    r_raw = best_of(repeats, lambda _: store.load(2, verify=False))
+    add("(d) fishckpt save (fast path) / load (verify=False)", store.info(2).bytes, s_fast[:2], r_raw[:2], "dfast")
+
+    # switching a live state between two steps in place
+    store.save(other, 3)
+    target = store.load(1)
+    store.load_into(target, 3)  # first call: full write; later calls: O(k)
+
+    def switch(i: int) -> None:
+        store.load_into(target, 1 if i % 2 == 0 else 3)
+
+    sw = best_of(max(repeats, 4), switch)
+    figures["switch"] = sw[0]
+    rows.append(
+        ["(d) fishckpt load_into, switch between two steps", "-", "-", "-", f"{sw[0] * 1e3:,.1f}", "-", mib(sw[1])]
+    )
+    store.verify()
+    shutil.rmtree(work / "store")
+    figures["dense"] = dense
+    return rows, figures
+
+
+def run(report: Callable[[str], None], *, hidden: int = 1664, layers: int = 12, repeats: int = 3) -> dict[str, float]:
+    """Runs the synthetic workload and the real MiniLM workload; reports markdown tables."""
+    warnings.simplefilter("ignore", fishckpt.OutsideMaskWarning)
+    torch.manual_seed(0)
+    base = synthetic_model(hidden, layers, seed=0)
+    numel = sum(t.numel() for t in base.values())
+    mask = random_mask(base, 0.005, seed=1)
+    tuned = random_walk(base, mask, steps=30, lr=1e-4, seed=2)
+    other = random_walk(base, mask, steps=30, lr=1e-4, seed=3)
+    report(
+        f"\n### Synthetic model: {numel / 1e6:.1f}M fp32 parameters in {len(base)} tensors "
+        f"({mib(numel * 4)}), random mask k = {mask.k:,} ({mask.density:.2%})\n"
+    )
+    with tempfile.TemporaryDirectory(dir=".") as scratch:
+        rows, figures = _timed_rows(base, tuned, other, mask, Path(scratch), repeats)
+    headers = [
+        "method",
+        "bytes",
+        "bytes / masked value",
+        "save ms",
+        "restore ms",
+        "save peak RSS +",
+        "restore peak RSS +",
+    ]
+    report(table(headers, rows))
+    a = figures
+    ratios = [
+        ["bytes per masked value (d)", f"{a['d.bytes'] / mask.k:.3f}", "<= 2.8"],
+        ["dense (a) bytes / (d) bytes", f"{a['a.bytes'] / a['d.bytes']:.0f}x", ">= 285x"],
+        ["save speed-up, exact check: (a) / (d)", f"{a['a.save'] / a['d.save']:.1f}x", ">= 8x"],
+        ["save speed-up, fast path: (a) / (d fast)", f"{a['a.save'] / a['dfast.save']:.1f}x", ">= 25x"],
+        ["verified load / (a) unverified load+copy", f"{a['d.restore'] / a['a.restore']:.2f}x", "<= 1.5x"],
+        ["unverified load / (a) load+copy", f"{a['dfast.restore'] / a['a.restore']:.2f}x", "<= 1.1x"],
+        ["switch speed-up: verified load / load_into switch", f"{a['d.restore'] / a['switch']:.1f}x", ">= 15x"],
+    ]
+    report("\n" + table(["ratio (same run)", "measured", "target"], ratios))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=1664, help="model width (1664 gives ~1 GiB)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    run(print, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
