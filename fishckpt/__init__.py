@@ -6,7 +6,6 @@ from ._errors import (
     FormatError,
     IntegrityError,
     InvalidArgumentError,
-    MaskLeakWarning,
     MaskMismatchError,
     OutsideMaskError,
     OutsideMaskWarning,
@@ -16,6 +15,7 @@ from ._errors import (
     StoreExistsError,
     StoreLockedError,
 )
+from ._files import load_state_file, save_state_file
 from ._mask import Mask
 from ._store import CheckpointInfo, CheckpointStore, SaveInfo, VerifyError, VerifyFailure
 
@@ -30,7 +30,6 @@ __all__ = [
     "IntegrityError",
     "InvalidArgumentError",
     "Mask",
-    "MaskLeakWarning",
     "MaskMismatchError",
     "OutsideMaskError",
     "OutsideMaskWarning",
@@ -43,4 +42,6 @@ __all__ = [
     "VerifyError",
     "VerifyFailure",
     "__version__",
+    "load_state_file",
+    "save_state_file",
 ]

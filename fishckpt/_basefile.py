@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +13,7 @@ import xxhash
 
 from ._dtypes import DType
 from ._errors import FormatError, IntegrityError
-
-# safetensors' own dtype names, for tensors it stores natively; the rest go in as raw U8 bytes.
-_SAFETENSORS_NAME = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2",
-    "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64", "int8": "I8", "int16": "I16",
-    "int32": "I32", "int64": "I64", "uint8": "U8", "uint16": "U16", "uint32": "U32",
-    "uint64": "U64", "bool": "BOOL",
-}  # fmt: skip
+from ._files import SAFETENSORS_DTYPE, aligned_order, byte_view, safetensors_header
 
 
 @dataclass
@@ -59,12 +49,6 @@ def chunk_elements(itemsize: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // itemsize)
 
 
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous CPU tensor's bytes (0-d and empty included)."""
-    flat = tensor.reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-
-
 def chunk_ranges(numel: int, per_chunk: int) -> Iterator[tuple[int, int]]:
     """Element ranges [start, stop) of the hashing chunks; an empty tensor has one empty chunk."""
     if numel == 0:
@@ -79,37 +63,35 @@ def write_base(path: Path, tensors: list[tuple[str, torch.Tensor, DType]], chunk
 
     safetensors' own ``save_file`` first copies every tensor into a bytes
     object; writing the format ourselves keeps create at one pass and no copy.
-    The caller fsyncs and renames.
+    Dtypes safetensors lacks are stored as raw U8 bytes (docs/format.md). The
+    caller renames the file into place.
 
     Returns:
-        The chunk digests of each tensor, in order.
+        The chunk digests of each tensor, in the order given.
     """
-    header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "fishckpt"}}
-    offset = 0
-    for name, tensor, row in tensors:
-        native = _SAFETENSORS_NAME.get(row.name)
-        shape = list(tensor.shape) if native else [tensor.numel() * row.itemsize]
+    by_name = {name: (tensor, row) for name, tensor, row in tensors}
+    order = aligned_order({name: tensor for name, tensor, _ in tensors})
+    layout = []
+    for name in order:
+        tensor, row = by_name[name]
+        native = SAFETENSORS_DTYPE.get(row.torch_dtype)
         size = tensor.numel() * row.itemsize
-        header[name] = {"dtype": native or "U8", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data start to 8 bytes
-    digests: list[list[bytes]] = []
+        layout.append((name, native or "U8", list(tensor.shape) if native else [size], size))
+    digests: dict[str, list[bytes]] = {}
     with open(path, "xb") as handle:
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
-        for _name, tensor, row in tensors:
+        handle.write(safetensors_header(layout, {"format": "pt", "writer": "fishckpt"}))
+        for name in order:
+            tensor, row = by_name[name]
             data = byte_view(tensor)
             per_chunk = chunk_elements(row.itemsize, chunk_bytes) * row.itemsize
-            tensor_digests = []
+            digests[name] = []
             for start, stop in chunk_ranges(data.numel(), per_chunk):
                 piece = data[start:stop]
-                tensor_digests.append(digest_of(piece))
+                digests[name].append(digest_of(piece))
                 handle.write(piece.numpy().data)
-            digests.append(tensor_digests)
         handle.flush()
         os.fsync(handle.fileno())
-    return digests
+    return [digests[name] for name, _, _ in tensors]
 
 
 def open_base(path: Path, entries: list[TensorEntry]) -> dict[str, torch.Tensor]:

@@ -63,6 +63,16 @@ def _unplanes(planes: list[bytes], count: int, width: int) -> Words:
     return out.reshape(-1).view(UINT_BY_WIDTH[width])
 
 
+def encode_words(words: Words) -> list[Section]:
+    """Codes words as they are (byte planes, zstd): for values with no base to diff against."""
+    return _planes(words)
+
+
+def decode_words(planes: list[bytes], count: int, width: int) -> Words:
+    """Inverts ``encode_words``."""
+    return _unplanes(planes, count, width)
+
+
 def encode_delta(new: Words, base: Words, order: npt.NDArray[np.intp] | None = None) -> list[Section]:
     """Codes ``new`` against ``base`` (same width and length): one section per byte plane.
 

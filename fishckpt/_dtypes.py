@@ -16,7 +16,6 @@ class DType:
     name: str
     torch_dtype: torch.dtype
     itemsize: int
-    safetensors_native: bool
 
     @property
     def word_bytes(self) -> int:
@@ -25,35 +24,35 @@ class DType:
 
 
 def _rows() -> list[DType]:
-    spec: list[tuple[str, str, bool]] = [
-        ("float64", "float64", True),
-        ("float32", "float32", True),
-        ("float16", "float16", True),
-        ("bfloat16", "bfloat16", True),
-        ("float8_e4m3fn", "float8_e4m3fn", True),
-        ("float8_e4m3fnuz", "float8_e4m3fnuz", True),
-        ("float8_e5m2", "float8_e5m2", True),
-        ("float8_e5m2fnuz", "float8_e5m2fnuz", True),
-        ("float8_e8m0fnu", "float8_e8m0fnu", False),
-        ("float4_e2m1fn_x2", "float4_e2m1fn_x2", False),
-        ("complex32", "complex32", False),
-        ("complex64", "complex64", True),
-        ("complex128", "complex128", False),
-        ("int8", "int8", True),
-        ("int16", "int16", True),
-        ("int32", "int32", True),
-        ("int64", "int64", True),
-        ("uint8", "uint8", True),
-        ("uint16", "uint16", True),
-        ("uint32", "uint32", True),
-        ("uint64", "uint64", True),
-        ("bool", "bool", True),
+    names = [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+        "complex32",
+        "complex64",
+        "complex128",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
     ]
     rows = []
-    for name, attr, native in spec:
-        dtype = getattr(torch, attr, None)
+    for name in names:
+        dtype = getattr(torch, name, None)
         if isinstance(dtype, torch.dtype):  # older torch lacks some float8 types
-            rows.append(DType(name, dtype, dtype.itemsize, native))
+            rows.append(DType(name, dtype, dtype.itemsize))
     return rows
 
 

@@ -9,6 +9,7 @@ import os
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ._errors import StoreLockedError
 
@@ -29,34 +30,28 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
 
 
-def atomic_write(path: Path, pieces: Iterable[bytes | memoryview], *, overwrite: bool) -> int:
-    """Writes ``pieces`` to ``path`` so that readers see either nothing or all of it.
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, overwrite: bool) -> Iterator[BinaryIO]:
+    """A file handle whose contents appear at ``path`` only if the block completes.
 
-    The data goes to a temp name first and is fsynced; only then is it renamed
-    into place and the directory fsynced. A crash at any point leaves at most a
-    hidden temp file behind, never a partial ``path``.
+    The data goes to a temp name first and is fsynced; only then is it published
+    and the directory fsynced. A new file is published with ``link()``, which
+    fails if ``path`` exists, so a racing writer is never clobbered; with
+    ``overwrite`` it is ``rename()``d over the old one. A crash or an exception
+    at any point leaves at most a hidden temp file, never a partial ``path``.
 
-    Args:
-        path: The final file name.
-        pieces: The bytes to write, in order.
-        overwrite: If false, an existing ``path`` raises FileExistsError and is left as it was.
-
-    Returns:
-        The number of bytes written.
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false (nothing is changed).
     """
     temp = temp_path_for(path)
-    written = 0
     try:
         with open(temp, "xb") as handle:
-            for piece in pieces:
-                handle.write(piece)
-                written += len(piece)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         if overwrite:
             os.replace(temp, path)
         else:
-            # link() fails if path exists, so a concurrent writer can never be clobbered.
             os.link(temp, path)
             os.unlink(temp)
     except BaseException:
@@ -64,6 +59,15 @@ def atomic_write(path: Path, pieces: Iterable[bytes | memoryview], *, overwrite:
             os.unlink(temp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, pieces: Iterable[bytes | memoryview], *, overwrite: bool) -> int:
+    """Writes ``pieces`` to ``path`` through ``atomic_writer``; returns the number of bytes written."""
+    written = 0
+    with atomic_writer(path, overwrite=overwrite) as handle:
+        for piece in pieces:
+            handle.write(piece)
+            written += len(piece)
     return written
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import struct
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import xxhash
 
 from . import _codec, _container
 from ._errors import FormatError, MaskMismatchError
+from ._files import load_state_file, looks_like_state_file
 from ._io import atomic_write
 
 PathLike = str | Path
@@ -223,36 +221,12 @@ class Mask:
             raise FileNotFoundError(f"{path}: mask file not found") from None
         if head.startswith(_container.MASK_MAGIC):
             return _read_mask_file(path)
-        if head.startswith(b"PK"):
-            return cls.from_bool(_load_torch_tensors(path))
-        if len(head) >= 9 and head[8:9] == b"{":
-            from safetensors.torch import load_file
-
-            return cls.from_bool(load_file(path))
-        raise FormatError(
-            f"{path}: not a mask file; expected a fishckpt mask, or a safetensors or PyTorch "
-            "file of bool or 0/1 tensors"
-        )
-
-
-def _load_torch_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A flat name -> tensor dict from a PyTorch file, loaded without running pickle code."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise FormatError(
-            f"{path}: refused: the file holds Python objects, not just tensors; "
-            "re-save it as a plain dict of tensors (or as safetensors)"
-        ) from error
-    except (RuntimeError, zipfile.BadZipFile, EOFError, struct.error) as error:
-        raise FormatError(f"{path}: cannot read as a PyTorch weights file: {error}") from error
-    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-        loaded = loaded["state_dict"]  # common wrapper in training scripts
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-    ):
-        raise FormatError(f"{path}: expected a dict of tensor names to tensors")
-    return dict(loaded)
+        if not looks_like_state_file(head):
+            raise FormatError(
+                f"{path}: not a mask file; expected a fishckpt mask, or a safetensors or PyTorch "
+                "file of bool or 0/1 tensors"
+            )
+        return cls.from_bool(load_state_file(path))
 
 
 def _read_mask_file(path: Path) -> Mask:

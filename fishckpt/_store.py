@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -10,7 +11,7 @@ import sys
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 import xxhash
 
-from . import _codec, _container
-from ._basefile import TensorEntry, byte_view, chunk_elements, chunk_ranges, digest_of, open_base, write_base
+from . import _codec, _container, _training
+from ._basefile import TensorEntry, chunk_elements, chunk_ranges, digest_of, open_base, write_base
 from ._dtypes import DType, dtype_by_name, dtype_row
 from ._errors import (
     BaseMismatchError,
@@ -35,6 +36,7 @@ from ._errors import (
     StepNotFoundError,
     StoreExistsError,
 )
+from ._files import byte_view
 from ._io import atomic_write, exclusive_lock, fsync_dir, remove_stale_temps, temp_path_for
 from ._mask import Mask
 
@@ -414,6 +416,11 @@ class CheckpointStore:
             raise
         return cls(path, manifest, mask)
 
+    @staticmethod
+    def is_store(path: PathLike) -> bool:
+        """Whether ``path`` looks like a store (has a manifest); ``open`` checks it fully."""
+        return (Path(path) / MANIFEST_NAME).is_file()
+
     @classmethod
     def open(cls, path: PathLike) -> CheckpointStore:
         """Opens an existing store; checks its manifest and mask (the base is checked as it is read).
@@ -537,6 +544,9 @@ class CheckpointStore:
         check_outside_mask: bool = True,
         strict: bool = False,
         overwrite: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        rng: bool = False,
     ) -> SaveInfo:
         """Stores ``state`` as step ``step``: the masked values, plus anything changed outside the mask.
 
@@ -553,6 +563,11 @@ class CheckpointStore:
             strict: Refuse (raise OutsideMaskError, write nothing) if anything
                 outside the mask changed, instead of storing it with a warning.
             overwrite: Replace an existing checkpoint of ``step``.
+            optimizer: Also store its ``state_dict()`` (SparseAdamW's holds k values per
+                moment). Any optimizer whose state is tensors, numbers, strings and
+                lists/tuples/dicts of them works; nothing is pickled.
+            scheduler: Also store an LR scheduler's ``state_dict()``.
+            rng: Also store the global torch (CPU, CUDA), Python and numpy random states.
 
         Returns:
             A SaveInfo with the bytes written, k, what changed outside the mask and the time taken.
@@ -571,6 +586,7 @@ class CheckpointStore:
         step = _check_step(step)
         tensors = self._validated_state(_state_of(state))
         meta = _json_metadata(metadata)
+        training = _training_tree(optimizer, scheduler, rng)
         target = self.step_path(step)
         with exclusive_lock(self.path / LOCK_NAME):
             if target.exists() and not overwrite:
@@ -583,7 +599,7 @@ class CheckpointStore:
                     f"step {step} not saved: entries outside the mask changed: {listing}. Nothing was written; "
                     "save without strict to store them, or find what moves them (weight decay, buffers)"
                 )
-            header, sections, counts, modes = self._encode(step, masked, extras, meta)
+            header, sections, counts, modes = self._encode(step, masked, extras, meta, training)
             pieces = _container.pack(_container.CHECKPOINT_MAGIC, header, sections)
             written = atomic_write(target, pieces, overwrite=overwrite)
         if counts:
@@ -737,6 +753,7 @@ class CheckpointStore:
         masked: dict[str, torch.Tensor],
         extras: dict[str, tuple[torch.Tensor, torch.Tensor]],
         metadata: dict[str, Any],
+        training: tuple[Any, list[torch.Tensor]] | None = None,
     ) -> tuple[dict[str, Any], list[_container.Section], dict[str, int], dict[str, str]]:
         sections: list[_container.Section] = []
         value_streams = []
@@ -785,6 +802,15 @@ class CheckpointStore:
             "digests": digests,
             "metadata": metadata,
         }
+        if training is not None:
+            tree, tensors = training
+            table = []
+            for tensor in tensors:
+                row = dtype_row(tensor.dtype, key="training state")
+                first = len(sections)
+                sections.extend(_codec.encode_words(_words_np(_elements(tensor))))
+                table.append([row.name, list(tensor.shape), first, len(sections) - first])
+            header["training"] = {"tree": tree, "tensors": table}
         return header, sections, counts, modes
 
     def _tensor_digest(
@@ -877,6 +903,8 @@ class CheckpointStore:
                     )
                     if int(positions[-1]) >= entry.numel:
                         raise FormatError(f"{path}: tensor {name!r}: outside-mask position out of range")
+                    if bool(torch.isin(positions, plans[name].index).any()):
+                        raise FormatError(f"{path}: tensor {name!r}: an outside-mask position lies inside the mask")
                     base_words = _words_np(base_elements.index_select(0, positions))
                     planes = [container.section(first + gap_width + i) for i in range(n_sections - gap_width)]
                     words = _codec.decode_delta(planes, base_words)
@@ -1081,6 +1109,65 @@ class CheckpointStore:
 
     # Inspecting and maintaining ---------------------------------------------------------------
 
+    def load_training_state(
+        self,
+        step: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        *,
+        rng: bool = True,
+    ) -> None:
+        """Puts back the optimizer, scheduler and RNG states saved with ``step``.
+
+        Load the model first (``load_into``); build the optimizer over it as before
+        the save; then call this. Training continues bit for bit as if never stopped.
+
+        Args:
+            step: A step saved with ``optimizer=`` (and ``scheduler=``, ``rng=True``).
+            optimizer: Receives ``load_state_dict`` of the saved optimizer state.
+            scheduler: Receives ``load_state_dict`` of the saved scheduler state.
+            rng: Restore the global random states, if they were saved.
+
+        Raises:
+            StateMismatchError: Something asked for was not saved with this step.
+        """
+        decoded = self._decode(_check_step(step))
+        tree = self._training_state(decoded)
+        for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if target is None:
+                continue
+            if name not in tree:
+                raise StateMismatchError(
+                    f"{decoded.path}: step {step} was saved without {name} state; pass {name}= to save"
+                )
+            target.load_state_dict(tree[name])
+        if rng and "rng" in tree:
+            _training.restore_rng(tree["rng"])
+
+    def _training_state(self, decoded: _Decoded) -> dict[str, Any]:
+        record = decoded.header.get("training")
+        if record is None:
+            return {}
+        container = _container.read(decoded.path, _container.CHECKPOINT_MAGIC, what="checkpoint")
+        tensors = []
+        try:
+            for dtype_name, shape, first, count in record["tensors"]:
+                row = dtype_by_name(dtype_name, where=str(decoded.path))
+                numel = math.prod(int(s) for s in shape)
+                words = _codec.decode_words(
+                    [container.section(first + i) for i in range(count)],
+                    numel * (row.itemsize // row.word_bytes),
+                    row.word_bytes,
+                )
+                flat = torch.from_numpy(words.copy()).view(_WORD_DTYPE[row.word_bytes])
+                tensors.append(flat.view(row.torch_dtype).reshape([int(s) for s in shape]))
+            tree = _training.decode_tree(record["tree"], tensors, where=str(decoded.path))
+        except (KeyError, TypeError, ValueError) as error:
+            raise FormatError(f"{decoded.path}: malformed training state: {error!r}") from error
+        if not isinstance(tree, dict):
+            raise FormatError(f"{decoded.path}: malformed training state")
+        return tree
+
     def info(self, step: int) -> CheckpointInfo:
         """Describes a saved step from its (checksummed) file header."""
         path = self.step_path(step)
@@ -1109,50 +1196,65 @@ class CheckpointStore:
                 raise StepNotFoundError(f"{self.path}: step {step} is not in the store") from None
             fsync_dir(path.parent)
 
-    def verify(self, step: int | None = None) -> None:
-        """Re-reads files and checks every digest; ``step=None`` checks the base and every step.
+    def verify(self, steps: int | Iterable[int] | None = None, *, base: bool | None = None) -> None:
+        """Re-reads files and checks every digest, reporting every failure found.
 
-        A step's check decodes its file and recomputes each tensor's digest;
-        the base check hashes every chunk of the base file.
+        A step's check decodes its file and recomputes each tensor's digest; the
+        base check hashes every chunk of the base file.
+
+        Args:
+            steps: A step, several, or None for every saved step.
+            base: Hash the base file too. Default: only when ``steps`` is None.
 
         Raises:
             VerifyError: (an IntegrityError) listing each failing file and tensor.
         """
         failures: list[VerifyFailure] = []
-        if step is None:
+        if base if base is not None else steps is None:
             failures.extend(self._verify_base())
-            steps = self.steps
+            if failures and failures[0].tensor is None:  # the base cannot even be opened
+                raise VerifyError(failures)
+        if steps is None:
+            numbers = self.steps
+        elif isinstance(steps, int | np.integer):
+            numbers = [_check_step(int(steps))]
         else:
-            steps = [_check_step(step)]
-        for number in steps:
+            numbers = [_check_step(step) for step in steps]
+        for number in numbers:
+            path = self.step_path(number)
             try:
                 decoded = self._decode(number)
                 for entry in self._manifest.entries:
-                    if entry.alias_of is not None:
-                        continue
-                    positions, words = decoded.extras.get(entry.name, (None, None))
-                    if positions is None and words is not None:
-                        out = self._base_tensors()[entry.name].clone()
-                        self._apply(entry, out, decoded)
-                        try:
-                            self._check_rebuilt(entry, out, decoded)
-                        except IntegrityError as error:
-                            failures.append(VerifyFailure(decoded.path, entry.name, str(error)))
-                        continue
-                    digest = self._tensor_digest(entry, decoded.masked[entry.name], positions, words)
-                    if digest != decoded.header["digests"].get(entry.name):
-                        failures.append(VerifyFailure(decoded.path, entry.name, "does not match its recorded digest"))
+                    if entry.alias_of is None and not self._digest_matches(entry, decoded):
+                        failures.append(VerifyFailure(path, entry.name, "does not match its recorded digest"))
             except (IntegrityError, FormatError, BaseMismatchError, StepNotFoundError) as error:
-                failures.append(VerifyFailure(self.step_path(number), None, str(error)))
+                failures.append(VerifyFailure(path, None, _without_prefix(str(error), path)))
         if failures:
             raise VerifyError(failures)
+
+    def _digest_matches(self, entry: TensorEntry, decoded: _Decoded) -> bool:
+        positions, words = decoded.extras.get(entry.name, (None, None))
+        if positions is None and words is not None:  # dense record: rebuild to find the changed positions
+            out = self._base_tensors()[entry.name].clone()
+            self._apply(entry, out, decoded)
+            try:
+                self._check_rebuilt(entry, out, decoded)
+            except IntegrityError:
+                return False
+            return True
+        digest = self._tensor_digest(entry, decoded.masked[entry.name], positions, words)
+        return bool(digest == decoded.header["digests"].get(entry.name))
+
+    def files(self) -> dict[str, Path]:
+        """The store's fixed files by role: ``manifest``, ``base``, ``mask`` (steps: see ``step_path``)."""
+        return {"manifest": self.path / MANIFEST_NAME, "base": self.path / BASE_NAME, "mask": self.path / MASK_NAME}
 
     def _verify_base(self) -> list[VerifyFailure]:
         path = self.path / BASE_NAME
         try:
             base = self._base_tensors()
         except (IntegrityError, FormatError) as error:
-            return [VerifyFailure(path, None, str(error))]
+            return [VerifyFailure(path, None, _without_prefix(str(error), path))]
         failures = []
         for entry in self._manifest.entries:
             if entry.alias_of is not None:
@@ -1217,6 +1319,20 @@ def _plan_base(
     return entries, tensors
 
 
+def _training_tree(optimizer: Any, scheduler: Any, rng: bool) -> tuple[Any, list[torch.Tensor]] | None:
+    state: dict[str, Any] = {}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if rng:
+        state["rng"] = _training.capture_rng()
+    if not state:
+        return None
+    tensors: list[torch.Tensor] = []
+    return _training.encode_tree(state, tensors, path="training state"), tensors
+
+
 def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -1237,6 +1353,11 @@ def _jsonable(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _without_prefix(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _brief(steps: list[int]) -> str:

@@ -82,7 +82,7 @@ def test_load_refuses_pickled_objects(tmp_path) -> None:
             return (print, ("pwned",))
 
     torch.save({"a": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(FormatError, match="evil.pt: refused: the file holds Python objects"):
+    with pytest.raises(FormatError, match="evil.pt: refused: the file holds pickled Python objects, not just tensors"):
         Mask.load(tmp_path / "evil.pt")
 
 

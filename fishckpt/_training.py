@@ -1,0 +1,102 @@
+"""Training state (optimizer, scheduler, RNG) as JSON plus tensors: nested Python values without pickle."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import FormatError, InvalidArgumentError
+
+_TAGS = ("$tensor", "$tuple", "$items", "$float", "$ndarray")
+
+
+def encode_tree(value: Any, tensors: list[torch.Tensor], *, path: str = "state") -> Any:
+    """Turns nested dicts, lists, tuples, scalars and tensors into JSON; tensors go to ``tensors``.
+
+    Tagged forms keep what JSON would lose: tuples, dicts with non-string keys (an
+    optimizer's integer parameter ids), non-finite floats and numpy arrays.
+
+    Raises:
+        InvalidArgumentError: A value of another type, naming where it sits in the tree.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, torch.Tensor):
+        tensors.append(value.detach().cpu().contiguous())
+        return {"$tensor": len(tensors) - 1}
+    if isinstance(value, np.ndarray):
+        tensors.append(torch.from_numpy(np.ascontiguousarray(value)).clone())
+        return {"$ndarray": len(tensors) - 1}
+    if isinstance(value, np.generic):
+        return encode_tree(value.item(), tensors, path=path)
+    if isinstance(value, list):
+        return [encode_tree(item, tensors, path=f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"$tuple": [encode_tree(item, tensors, path=f"{path}[{i}]") for i, item in enumerate(value)]}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("$") for key in value):
+            return {key: encode_tree(item, tensors, path=f"{path}[{key!r}]") for key, item in value.items()}
+        return {
+            "$items": [
+                [encode_tree(key, tensors, path=f"{path} key"), encode_tree(item, tensors, path=f"{path}[{key!r}]")]
+                for key, item in value.items()
+            ]
+        }
+    raise InvalidArgumentError(
+        f"{path}: cannot store a {type(value).__name__} without pickle; training state may hold "
+        "tensors, numbers, strings, None, and lists, tuples and dicts of them"
+    )
+
+
+def decode_tree(value: Any, tensors: list[torch.Tensor], *, where: str) -> Any:
+    """Inverts ``encode_tree``; ``where`` names the file in errors."""
+    if isinstance(value, list):
+        return [decode_tree(item, tensors, where=where) for item in value]
+    if not isinstance(value, dict):
+        return value
+    tags = [key for key in value if key in _TAGS]
+    if not tags:
+        return {key: decode_tree(item, tensors, where=where) for key, item in value.items()}
+    if len(value) != 1:
+        raise FormatError(f"{where}: malformed training state node {sorted(value)}")
+    tag, body = tags[0], value[tags[0]]
+    if tag in ("$tensor", "$ndarray"):
+        if not isinstance(body, int) or not 0 <= body < len(tensors):
+            raise FormatError(f"{where}: training state refers to missing tensor {body!r}")
+        return tensors[body] if tag == "$tensor" else tensors[body].numpy()
+    if tag == "$tuple":
+        return tuple(decode_tree(item, tensors, where=where) for item in body)
+    if tag == "$items":
+        return {decode_tree(k, tensors, where=where): decode_tree(v, tensors, where=where) for k, v in body}
+    if body not in ("nan", "inf", "-inf"):
+        raise FormatError(f"{where}: bad float {body!r} in training state")
+    return float(body)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global random states a training loop draws from: torch (CPU and CUDA), Python, numpy."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Puts back what ``capture_rng`` captured."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
