@@ -6,6 +6,7 @@ from ._errors import (
     FormatError,
     IntegrityError,
     InvalidArgumentError,
+    MaskLeakWarning,
     MaskMismatchError,
     OutsideMaskError,
     OutsideMaskWarning,
@@ -16,7 +17,10 @@ from ._errors import (
     StoreLockedError,
 )
 from ._files import load_state_file, save_state_file
+from ._fisher import fisher_scores
 from ._mask import Mask
+from ._optim import GradientMask, SparseAdamW, mask_gradients
+from ._select import bitfit_mask, diff_mask, fish_mask, random_mask
 from ._store import CheckpointInfo, CheckpointStore, SaveInfo, VerifyError, VerifyFailure
 
 __version__ = "0.1.0"
@@ -27,13 +31,16 @@ __all__ = [
     "CheckpointStore",
     "FishckptError",
     "FormatError",
+    "GradientMask",
     "IntegrityError",
     "InvalidArgumentError",
     "Mask",
+    "MaskLeakWarning",
     "MaskMismatchError",
     "OutsideMaskError",
     "OutsideMaskWarning",
     "SaveInfo",
+    "SparseAdamW",
     "StateMismatchError",
     "StepExistsError",
     "StepNotFoundError",
@@ -42,6 +49,12 @@ __all__ = [
     "VerifyError",
     "VerifyFailure",
     "__version__",
+    "bitfit_mask",
+    "diff_mask",
+    "fish_mask",
+    "fisher_scores",
     "load_state_file",
+    "mask_gradients",
+    "random_mask",
     "save_state_file",
 ]
