@@ -1,0 +1,29 @@
+"""Arguments and checks that several commands share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+PATH = click.Path(path_type=Path)
+STEP = click.IntRange(min=0)
+
+store_argument = click.argument("store_path", metavar="STORE", type=PATH)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (schema: docs/cli.md).")
+force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
+
+
+def check_output(path: Path, *, force: bool) -> None:
+    """Fails early, before any work, if ``path`` cannot be written.
+
+    The write itself is still atomic and refuses an existing file without
+    ``--force``, so a file that appears in the meantime is not clobbered either.
+    """
+    if path.is_dir():
+        raise click.ClickException(f"{path}: is a folder; give a file name to write")
+    if path.exists() and not force:
+        raise click.ClickException(f"{path}: already exists; pass --force to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise click.ClickException(f"{parent}: no such folder; create it first")

@@ -1,0 +1,127 @@
+"""Commands that write: `init` a store, `save` a checkpoint file into it, `restore` one out of it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+from fishckpt import (
+    CheckpointStore,
+    Mask,
+    MaskMismatchError,
+    OutsideMaskWarning,
+    StateMismatchError,
+    load_state_file,
+    save_state_file,
+)
+
+from .._files import FORMATS, format_for
+from .._format import compression_ratio, human_bytes, smaller_or_larger
+from .._options import PATH, STEP, check_output, force_option, store_argument
+
+
+@click.command()
+@store_argument
+@click.option("--base", "base_file", type=PATH, required=True, help="Dense starting weights (safetensors or .pt/.bin).")
+@click.option("--mask", "mask_file", type=PATH, required=True, help="Mask file: fishckpt, or bool/0-1 tensors.")
+@click.option("--force", is_flag=True, help="Replace an existing fishckpt store at STORE (never any other folder).")
+def init(store_path: Path, base_file: Path, mask_file: Path, force: bool) -> None:
+    """Create a store at STORE from a base checkpoint file and a mask.
+
+    The base is stored once, densely; every later `save` stores only what the
+    mask selects (plus anything that changed outside it). STORE must not exist
+    or be empty; `--force` replaces an existing fishckpt store, never another folder.
+    """
+    if not force and CheckpointStore.is_store(store_path):
+        raise click.ClickException(
+            f"{store_path}: already a fishckpt store; pass --force to replace it (its checkpoints are deleted)"
+        )
+    mask = Mask.load(mask_file)
+    state = load_state_file(base_file)
+    try:
+        store = CheckpointStore.create(store_path, state, mask, overwrite=force)
+    except MaskMismatchError as error:
+        raise click.ClickException(f"{mask_file} does not fit the base {base_file}: {error}") from error
+    click.echo(
+        f"Created store {store.path}: {len(store.tensor_names)} tensors, {human_bytes(store.dense_bytes)} dense; "
+        f"the mask keeps {mask.k:,} of {mask.numel:,} entries ({mask.density:.2%})."
+    )
+
+
+@click.command()
+@store_argument
+@click.argument("file", type=PATH)
+@click.option("--step", type=STEP, required=True, help="Step number to save FILE as.")
+@click.option("-m", "--message", help="A note kept with the checkpoint (shown by `ls`).")
+@click.option("--strict", is_flag=True, help="Refuse (exit 1, write nothing) if entries outside the mask changed.")
+@click.option("--force", is_flag=True, help="Replace the checkpoint if STEP is already saved.")
+@click.option("--fast", is_flag=True, help="Read only the masked entries; changes outside the mask are not looked for.")
+def save(store_path: Path, file: Path, step: int, message: str | None, strict: bool, force: bool, fast: bool) -> None:
+    """Save the checkpoint FILE into STORE as step STEP, keeping only the masked values.
+
+    FILE must have exactly the base's tensors, shapes and dtypes. Entries that
+    changed outside the mask are stored too and reported (with `--strict` they
+    are refused instead). Prints the bytes written and the ratio to FILE's dense size.
+    """
+    if strict and fast:
+        raise click.UsageError("--strict needs the check of entries outside the mask that --fast skips; drop one")
+    store = CheckpointStore.open(store_path)
+    if step in store.steps and not force:
+        raise click.ClickException(f"{store_path}: step {step} is already saved; pass --force to replace it")
+    state = load_state_file(file)
+    metadata = {"message": message} if message is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OutsideMaskWarning)
+        try:
+            info = store.save(
+                state, step, metadata=metadata, check_outside_mask=not fast, strict=strict, overwrite=force
+            )
+        except StateMismatchError as error:
+            raise click.ClickException(f"{file}: does not fit the store: {error}") from error
+    for record in caught:
+        if issubclass(record.category, OutsideMaskWarning):
+            click.echo(f"Warning: {record.message}", err=True)
+        else:  # not ours to swallow
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+    ratio = compression_ratio(info.dense_bytes, info.bytes_written)
+    click.echo(
+        f"Saved step {info.step} to {store.path}: {human_bytes(info.bytes_written)} written "
+        f"({info.bytes_written:,} bytes) for {human_bytes(info.dense_bytes)} dense ({smaller_or_larger(ratio)})."
+    )
+    if not info.checked_outside_mask:
+        click.echo("Changes outside the mask: not checked (--fast); restoring gives the base's values there.")
+    elif info.changed_outside_mask:
+        total = sum(info.changed_outside_mask.values())
+        tensors = len(info.changed_outside_mask)
+        click.echo(f"Changes outside the mask: {total:,} entries in {tensors} tensor(s), stored too.")
+    else:
+        click.echo("Changes outside the mask: none.")
+
+
+@click.command()
+@store_argument
+@click.argument("step", type=STEP)
+@click.option("-o", "--output", "out", type=PATH, required=True, help="The checkpoint file to write.")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(FORMATS),
+    help="File format; default: pt for .pt/.pth/.bin, safetensors otherwise.",
+)
+@force_option
+def restore(store_path: Path, step: int, out: Path, file_format: str | None, force: bool) -> None:
+    """Rebuild step STEP of STORE as a full checkpoint file OUT, bit for bit.
+
+    Every restored tensor is verified against the digest recorded at save. OUT
+    is written atomically (temp file, then rename) and an existing OUT is only
+    replaced with `--force`. safetensors cannot share storage, so tied tensors
+    are written as separate copies there; `--format pt` keeps them tied.
+    """
+    check_output(out, force=force)
+    store = CheckpointStore.open(store_path)
+    state = store.load(step, verify=True)
+    chosen = format_for(out, file_format)
+    written = save_state_file(out, state, file_format=chosen, overwrite=force)
+    click.echo(f"Restored step {step} of {store.path} (verified) to {out}: {human_bytes(written)}, {chosen}.")
