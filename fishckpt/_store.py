@@ -48,7 +48,7 @@ BASE_NAME = "base.safetensors"
 MASK_NAME = "mask.fishmask"
 STEPS_DIR = "steps"
 LOCK_NAME = ".lock"
-DEFAULT_CHUNK_BYTES = 1 << 20  # fits the L2 cache, so copy-then-hash reads main memory once
+DEFAULT_CHUNK_BYTES = 4 << 20  # stays in cache, so copy-then-hash reads main memory once; 4 MiB beat 1 MiB here
 _STEP_FILE = re.compile(r"^step-(\d+)\.fishckpt$")
 _TENSOR_DIGEST_TAG = b"fishckpt-tensor-v1\x00"
 _WORD_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -74,6 +74,7 @@ class SaveInfo:
         outside_mask_storage: "sparse" or "dense", per tensor in ``changed_outside_mask``.
         checked_outside_mask: Whether entries outside the mask were compared with the base.
         seconds: Wall time of the save, durable write included.
+        training_state_bytes: Bytes of optimizer, scheduler and RNG state within ``bytes_written``.
     """
 
     step: int
@@ -85,10 +86,13 @@ class SaveInfo:
     outside_mask_storage: dict[str, str]
     checked_outside_mask: bool
     seconds: float
+    training_state_bytes: int = 0
 
     @property
     def bytes_per_masked_value(self) -> float:
-        return self.bytes_written / self.k if self.k else float("inf")
+        """Bytes of the model's checkpoint (training state excluded) per masked value."""
+        model_bytes = self.bytes_written - self.training_state_bytes
+        return model_bytes / self.k if self.k else float("inf")
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class CheckpointInfo:
     k: int
     changed_outside_mask: dict[str, int]
     metadata: dict[str, Any]
+    training_state_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,7 @@ class CheckpointStore:
             base: The dense starting weights; CPU or CUDA tensors.
             mask: Which entries may change. Every mask tensor must be in ``base`` with the same shape.
             overwrite: Replace an existing fishckpt store at ``path`` (never any other folder).
-            chunk_bytes: Granularity of the base's digests (default 1 MiB).
+            chunk_bytes: Granularity of the base's digests (default 4 MiB).
 
         Raises:
             StoreExistsError: ``path`` holds files and ``overwrite`` does not apply.
@@ -621,6 +626,7 @@ class CheckpointStore:
             outside_mask_storage=modes,
             checked_outside_mask=check_outside_mask,
             seconds=time.perf_counter() - started,
+            training_state_bytes=_training_bytes(header, [len(section.payload) for section in sections]),
         )
 
     def _validated_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1184,6 +1190,7 @@ class CheckpointStore:
             k=int(header["k"]),
             changed_outside_mask={rec[0]: int(rec[2]) for rec in header["outside_mask"]},
             metadata=dict(header.get("metadata") or {}),
+            training_state_bytes=_training_bytes(header, [entry[1] for entry in header["sections"]]),
         )
 
     def delete(self, step: int) -> None:
@@ -1317,6 +1324,14 @@ def _plan_base(
         entries.append(TensorEntry(name, row, tuple(tensor.shape), None, []))
         tensors.append((name, tensor.contiguous().cpu(), row))
     return entries, tensors
+
+
+def _training_bytes(header: Mapping[str, Any], stored_lengths: list[int]) -> int:
+    """Stored bytes of the training-state sections a checkpoint header lists."""
+    record = header.get("training")
+    if not record:
+        return 0
+    return sum(stored_lengths[first + i] for _, _, first, count in record["tensors"] for i in range(count))
 
 
 def _training_tree(optimizer: Any, scheduler: Any, rng: bool) -> tuple[Any, list[torch.Tensor]] | None:

@@ -62,6 +62,7 @@ def _summary(store: CheckpointStore, infos: list[CheckpointInfo]) -> dict[str, A
         "mask_bytes": store.files()["mask"].stat().st_size,
         "manifest_bytes": store.files()["manifest"].stat().st_size,
         "checkpoint_bytes": sum(info.bytes for info in infos),
+        "training_state_bytes": sum(info.training_state_bytes for info in infos),
         "total_bytes": sum(entry.stat().st_size for entry in store.path.rglob("*") if entry.is_file()),
     }
     dense_equivalent = len(infos) * store.dense_bytes
@@ -82,12 +83,16 @@ def _summary(store: CheckpointStore, infos: list[CheckpointInfo]) -> dict[str, A
                 "step": info.step,
                 "bytes": info.bytes,
                 "ratio": json_number(compression_ratio(info.dense_bytes, info.bytes)),
-                "bytes_per_masked_value": info.bytes / mask.k if mask.k else None,
+                "training_state_bytes": info.training_state_bytes,
+                # optimizer/RNG state is reported apart: this is the model's cost per value
+                "bytes_per_masked_value": (info.bytes - info.training_state_bytes) / mask.k if mask.k else None,
                 "changed_outside_mask": sum(info.changed_outside_mask.values()),
             }
             for info in infos
         ],
-        "bytes_per_masked_value": files["checkpoint_bytes"] / values if values else None,
+        "bytes_per_masked_value": (files["checkpoint_bytes"] - files["training_state_bytes"]) / values
+        if values
+        else None,
         "compression_ratio": json_number(compression_ratio(dense_equivalent, files["checkpoint_bytes"]))
         if infos
         else None,
@@ -109,7 +114,11 @@ def _print_summary(store: CheckpointStore, infos: list[CheckpointInfo], summary:
         f"  mask         {human_bytes(files['mask_bytes'])} (k = {mask['k']:,} of {mask['numel']:,} "
         f"entries, {mask['density']:.2%})"
     )
-    click.echo(f"  checkpoints  {human_bytes(files['checkpoint_bytes'])} in {len(infos)} step(s)")
+    training = files["training_state_bytes"]
+    click.echo(
+        f"  checkpoints  {human_bytes(files['checkpoint_bytes'])} in {len(infos)} step(s)"
+        + (f", of which {human_bytes(training)} optimizer/RNG state" if training else "")
+    )
     if not infos:
         click.echo(f"  total        {human_bytes(files['total_bytes'])}; no checkpoints saved yet.")
         return
@@ -122,7 +131,7 @@ def _print_summary(store: CheckpointStore, infos: list[CheckpointInfo], summary:
     click.echo(
         "Checkpoints: "
         f"{smaller_or_larger(compression_ratio(summary['dense_equivalent_bytes'], files['checkpoint_bytes']))} "
-        "than dense" + (f", {per_value:.2f} bytes per masked value." if per_value is not None else ".")
+        "than dense" + (f", {per_value:.2f} bytes per masked value (model only)." if per_value is not None else ".")
     )
     rows = [
         [
