@@ -44,9 +44,14 @@ def peak_rss_growth() -> Iterator[list[int]]:
 
 
 def best_of(repeats: int, run: Callable[[int], T]) -> tuple[float, int, T]:  # repeats >= 1
-    """Runs ``run(i)`` ``repeats`` times; returns (best seconds, peak RSS growth of that run, last result)."""
+    """Runs ``run(i)`` ``repeats`` times; returns (best seconds, peak RSS growth of that run, last result).
+
+    Dirty pages are flushed before each run (untimed): on 2 cores, kernel writeback of an earlier
+    run's gigabyte would otherwise be timed as part of this one.
+    """
     best, best_rss = float("inf"), 0
     for i in range(repeats):
+        os.sync()
         with peak_rss_growth() as growth:
             start = time.perf_counter()
             result = run(i)

@@ -96,7 +96,7 @@ def _timed_rows(
         return {name: t.clone() for name, t in load_file(path_a).items()}
 
     s_a = best_of(repeats, save_a)
-    r_a = best_of(repeats, restore_a)
+    r_a = best_of(repeats + 2, restore_a)
     add("(a) safetensors.save_file + fsync", path_a.stat().st_size, s_a[:2], r_a[:2], "a")
 
     # (b) torch.save
@@ -114,6 +114,7 @@ def _timed_rows(
     path_c = work / "fish_reference.pt"
     base_file = work / "base_for_c.safetensors"
     save_file(base, base_file)
+    fsync_file(base_file)
 
     def save_c(_: int) -> None:
         sparse = {
@@ -138,10 +139,10 @@ def _timed_rows(
     store = CheckpointStore.create(work / "store", base, mask)
     s_d = best_of(repeats, lambda i: store.save(tuned, 1, overwrite=i > 0))
     info = store.info(1)
-    r_d = best_of(repeats, lambda _: store.load(1))
+    r_d = best_of(repeats + 2, lambda _: store.load(1))
     add("(d) fishckpt save (exact check) / load (verified)", info.bytes, s_d[:2], r_d[:2], "d")
     s_fast = best_of(repeats, lambda i: store.save(tuned, 2, overwrite=i > 0, check_outside_mask=False))
-    r_raw = best_of(repeats, lambda _: store.load(2, verify=False))
+    r_raw = best_of(repeats + 2, lambda _: store.load(2, verify=False))
     add("(d) fishckpt save (fast path) / load (verify=False)", store.info(2).bytes, s_fast[:2], r_raw[:2], "dfast")
 
     # switching a live state between two steps in place

@@ -966,18 +966,16 @@ class CheckpointStore:
         base = self._base_tensors()[entry.name]
         itemsize = entry.dtype.itemsize
         source, target = byte_view(base), byte_view(out)
+        # One whole copy, then hash the copy: chunked copies into fresh pages ran 4x slower at times.
+        target.copy_(source)
         if verify:
-            per_chunk = chunk_elements(itemsize, self._manifest.chunk_bytes)
-            for number, (start, stop) in enumerate(chunk_ranges(entry.numel, per_chunk)):
-                piece = target[start * itemsize : stop * itemsize]
-                piece.copy_(source[start * itemsize : stop * itemsize])
-                if digest_of(piece) != entry.chunk_digests[number]:
+            per_chunk = chunk_elements(itemsize, self._manifest.chunk_bytes) * itemsize
+            for number, (start, stop) in enumerate(chunk_ranges(target.numel(), per_chunk)):
+                if digest_of(target[start:stop]) != entry.chunk_digests[number]:
                     raise IntegrityError(
                         f"{self.path / BASE_NAME}: tensor {entry.name!r} is corrupted (chunk {number} does not "
                         "match its digest); the base file is damaged; restore it from a copy"
                     )
-        else:
-            target.copy_(source)
         self._apply(entry, out, decoded)
         if verify:
             self._check_rebuilt(entry, out, decoded)
