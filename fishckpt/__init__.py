@@ -20,8 +20,9 @@ from ._files import load_state_file, save_state_file
 from ._fisher import fisher_scores
 from ._mask import Mask
 from ._optim import GradientMask, SparseAdamW, mask_gradients
+from ._records import CheckpointInfo, SaveInfo, VerifyError, VerifyFailure
 from ._select import bitfit_mask, diff_mask, fish_mask, random_mask
-from ._store import CheckpointInfo, CheckpointStore, SaveInfo, VerifyError, VerifyFailure
+from ._store import CheckpointStore
 
 __version__ = "0.1.0"
 

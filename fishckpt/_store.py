@@ -12,7 +12,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,13 @@ from ._errors import (
 )
 from ._files import byte_view
 from ._io import atomic_write, exclusive_lock, fsync_dir, remove_stale_temps, temp_path_for
+from ._manifest import BASE_NAME, LOCK_NAME, MANIFEST_NAME, MASK_NAME, STEPS_DIR, Manifest, read_manifest
 from ._mask import Mask
+from ._records import CheckpointInfo, SaveInfo, VerifyError, VerifyFailure
 
 PathLike = str | Path
 StateLike = Mapping[str, torch.Tensor] | torch.nn.Module
 
-MANIFEST_NAME = "fishckpt.json"
-BASE_NAME = "base.safetensors"
-MASK_NAME = "mask.fishmask"
-STEPS_DIR = "steps"
-LOCK_NAME = ".lock"
 DEFAULT_CHUNK_BYTES = 4 << 20  # stays in cache, so copy-then-hash reads main memory once; 4 MiB beat 1 MiB here
 _STEP_FILE = re.compile(r"^step-(\d+)\.fishckpt$")
 _TENSOR_DIGEST_TAG = b"fishckpt-tensor-v1\x00"
@@ -55,81 +52,6 @@ _WORD_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 if sys.byteorder != "little":  # the format is little-endian and the codec works on native views
     raise ImportError("fishckpt supports little-endian machines only")
-
-
-# Records returned to the caller ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SaveInfo:
-    """What ``CheckpointStore.save`` wrote.
-
-    Attributes:
-        step: The step saved.
-        path: The checkpoint file.
-        bytes_written: Size of the checkpoint file, headers included.
-        dense_bytes: Size of the same state as raw dense tensors, for comparison.
-        k: Masked values stored.
-        changed_outside_mask: Entries that differ from the base outside the mask, per tensor.
-        outside_mask_storage: "sparse" or "dense", per tensor in ``changed_outside_mask``.
-        checked_outside_mask: Whether entries outside the mask were compared with the base.
-        seconds: Wall time of the save, durable write included.
-        training_state_bytes: Bytes of optimizer, scheduler and RNG state within ``bytes_written``.
-    """
-
-    step: int
-    path: Path
-    bytes_written: int
-    dense_bytes: int
-    k: int
-    changed_outside_mask: dict[str, int]
-    outside_mask_storage: dict[str, str]
-    checked_outside_mask: bool
-    seconds: float
-    training_state_bytes: int = 0
-
-    @property
-    def bytes_per_masked_value(self) -> float:
-        """Bytes of the model's checkpoint (training state excluded) per masked value."""
-        model_bytes = self.bytes_written - self.training_state_bytes
-        return model_bytes / self.k if self.k else float("inf")
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A saved step as its file header describes it."""
-
-    step: int
-    path: Path
-    created: float
-    bytes: int
-    dense_bytes: int
-    k: int
-    changed_outside_mask: dict[str, int]
-    metadata: dict[str, Any]
-    training_state_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class VerifyFailure:
-    """One problem ``verify`` found: the file, and the tensor where known."""
-
-    file: Path
-    tensor: str | None
-    problem: str
-
-    def __str__(self) -> str:
-        where = f" (tensor {self.tensor!r})" if self.tensor else ""
-        return f"{self.file}{where}: {self.problem}"
-
-
-class VerifyError(IntegrityError):
-    """Raised by ``verify``; ``failures`` lists every problem found."""
-
-    def __init__(self, failures: list[VerifyFailure]) -> None:
-        self.failures = failures
-        lines = "\n".join(f"  {failure}" for failure in failures)
-        super().__init__(f"{len(failures)} integrity problem(s):\n{lines}")
 
 
 # Element views ----------------------------------------------------------------------------------
@@ -204,92 +126,6 @@ class _Resident:
     version: int
 
 
-@dataclass
-class _Manifest:
-    entries: list[TensorEntry]
-    chunk_bytes: int
-    mask_digest: str
-    created: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def base_digest(self) -> str:
-        hasher = xxhash.xxh3_128()
-        for entry in self.entries:
-            record = [entry.name, entry.dtype.name, list(entry.shape), entry.alias_of]
-            hasher.update(json.dumps(record, separators=(",", ":")).encode())
-            hasher.update(entry.digest)
-        return hasher.hexdigest()
-
-    def to_json(self) -> dict[str, Any]:
-        body = {
-            "format_version": _container.FORMAT_VERSION,
-            "kind": "fishckpt-store",
-            "created": self.created,
-            "chunk_bytes": self.chunk_bytes,
-            "base": {"file": BASE_NAME, "digest": self.base_digest},
-            "mask": {"file": MASK_NAME, "digest": self.mask_digest},
-            "tensors": [
-                {
-                    "name": e.name,
-                    "dtype": e.dtype.name,
-                    "shape": list(e.shape),
-                    "alias_of": e.alias_of,
-                    "chunks": [d.hex() for d in e.chunk_digests],
-                }
-                for e in self.entries
-            ],
-        }
-        body["checksum"] = _json_checksum(body)
-        return body
-
-
-def _json_checksum(body: Mapping[str, Any]) -> str:
-    canonical = json.dumps({k: v for k, v in body.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
-    return xxhash.xxh3_128_hexdigest(canonical.encode())
-
-
-def _read_manifest(path: Path) -> _Manifest:
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise FormatError(
-            f"{path.parent}: not a fishckpt store (no {MANIFEST_NAME}); create one with "
-            "CheckpointStore.create (an interrupted create leaves no manifest: delete the folder and create again)"
-        ) from None
-    try:
-        body = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise IntegrityError(f"{path}: store manifest is corrupted (not valid JSON: {error})") from error
-    if not isinstance(body, dict) or body.get("checksum") != _json_checksum(body):
-        raise IntegrityError(f"{path}: store manifest is corrupted (checksum mismatch)")
-    if body.get("kind") != "fishckpt-store":
-        raise FormatError(f"{path}: not a fishckpt store manifest")
-    if body.get("format_version") != _container.FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: store has format_version {body.get('format_version')}; this fishckpt reads "
-            f"version {_container.FORMAT_VERSION}; upgrade fishckpt"
-        )
-    try:
-        entries = [
-            TensorEntry(
-                name=str(t["name"]),
-                dtype=dtype_by_name(str(t["dtype"]), where=str(path)),
-                shape=tuple(int(s) for s in t["shape"]),
-                alias_of=None if t["alias_of"] is None else str(t["alias_of"]),
-                chunk_digests=[bytes.fromhex(d) for d in t["chunks"]],
-            )
-            for t in body["tensors"]
-        ]
-        manifest = _Manifest(entries, int(body["chunk_bytes"]), str(body["mask"]["digest"]), float(body["created"]))
-        recorded_base = str(body["base"]["digest"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise FormatError(f"{path}: malformed store manifest: {error!r}") from error
-    if manifest.base_digest != recorded_base:
-        raise IntegrityError(f"{path}: store manifest is inconsistent (base digest mismatch)")
-    return manifest
-
-
 def _state_of(state: StateLike) -> dict[str, torch.Tensor]:
     if isinstance(state, torch.nn.Module):
         return dict(state.state_dict(keep_vars=True))
@@ -323,7 +159,7 @@ class CheckpointStore:
         >>> store.load_into(model, 100)
     """
 
-    def __init__(self, path: Path, manifest: _Manifest, mask: Mask) -> None:
+    def __init__(self, path: Path, manifest: Manifest, mask: Mask) -> None:
         """Use ``CheckpointStore.create`` or ``CheckpointStore.open``."""
         self.path = path
         self._manifest = manifest
@@ -401,7 +237,7 @@ class CheckpointStore:
                     entry.chunk_digests = []
             mask.save(staging / MASK_NAME)
             (staging / STEPS_DIR).mkdir()
-            manifest = _Manifest(entries, chunk_bytes, mask.digest, time.time())
+            manifest = Manifest(entries, chunk_bytes, mask.digest, time.time())
             # The manifest goes last: a folder without it is never taken for a store.
             atomic_write(staging / MANIFEST_NAME, [json.dumps(manifest.to_json(), indent=1).encode()], overwrite=False)
             fsync_dir(staging / STEPS_DIR)
@@ -437,7 +273,7 @@ class CheckpointStore:
         path = Path(path)
         if not path.is_dir():
             raise FormatError(f"{path}: no such store folder")
-        manifest = _read_manifest(path / MANIFEST_NAME)
+        manifest = read_manifest(path / MANIFEST_NAME)
         mask_path = path / MASK_NAME
         try:
             mask = Mask.load(mask_path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,30 @@ def test_tied_key_that_came_apart_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateMismatchError, match="key 'b' was tied to 'a' in the base but now differs from it"):
         store.save({"a": torch.tensor([1.0, 0, 0]), "b": torch.zeros(3)}, 1)
     store.save({"a": torch.zeros(3), "b": torch.zeros(3)}, 1)  # untied but equal is fine
+
+
+def test_another_process_holding_the_lock_is_refused(store: CheckpointStore) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(store.path / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(StoreLockedError, match=r"another process is writing to this store \(it holds \.lock\)"):
+            store.save({"w": torch.zeros(4, 3), "b": torch.zeros(3)}, 1)
+        assert _step_files(store) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    store.save({"w": torch.zeros(4, 3), "b": torch.zeros(3)}, 1)  # the kernel dropped the dead holder's lock
+    assert store.steps == [1]
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""

@@ -151,6 +151,24 @@ def test_switch_touches_only_changed_entries(tmp_path: Path) -> None:
     assert_state_bits_equal(target, one)
 
 
+def test_deleting_a_step_breaks_no_other(tmp_path: Path) -> None:
+    base = {"w": torch.zeros(100)}
+    mask = Mask.from_indices({"w": range(0, 100, 3)}, {"w": (100,)})
+    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    states = {}
+    for step in (10, 20, 30):
+        state = {"w": torch.zeros(100)}
+        state["w"][mask["w"]] = float(step)
+        store.save(state, step)
+        states[step] = state
+    store.delete(20)
+    assert store.steps == [10, 30]
+    reopened = CheckpointStore.open(store.path)
+    for step in (10, 30):
+        assert_state_bits_equal(reopened.load(step), states[step])
+    reopened.verify()
+
+
 def test_load_to_device_argument(tmp_path: Path) -> None:
     base = {"w": torch.ones(4)}
     store = CheckpointStore.create(tmp_path / "store", base, Mask.from_indices({"w": [1]}, {"w": (4,)}))
