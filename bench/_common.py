@@ -44,21 +44,23 @@ def peak_rss_growth() -> Iterator[list[int]]:
 
 
 def best_of(repeats: int, run: Callable[[int], T]) -> tuple[float, int, T]:  # repeats >= 1
-    """Runs ``run(i)`` ``repeats`` times; returns (best seconds, peak RSS growth of that run, last result).
+    """Runs ``run(i)`` ``repeats`` times untimed by anything else, then once more under the RSS sampler.
 
-    Dirty pages are flushed before each run (untimed): on 2 cores, kernel writeback of an earlier
-    run's gigabyte would otherwise be timed as part of this one.
+    Returns (best seconds, peak RSS growth, last result). The sampler is a Python thread that
+    would compete for the GIL, so timed runs go without it. Dirty pages are flushed before each
+    run (untimed): on 2 cores, kernel writeback of an earlier gigabyte would otherwise be timed
+    as part of a later run.
     """
-    best, best_rss = float("inf"), 0
+    best = float("inf")
     for i in range(repeats):
         os.sync()
-        with peak_rss_growth() as growth:
-            start = time.perf_counter()
-            result = run(i)
-            seconds = time.perf_counter() - start
-        if seconds < best:
-            best, best_rss = seconds, growth[0]
-    return best, best_rss, result
+        start = time.perf_counter()
+        result = run(i)
+        best = min(best, time.perf_counter() - start)
+    os.sync()
+    with peak_rss_growth() as growth:
+        result = run(repeats)
+    return best, growth[0], result
 
 
 def fsync_file(path: Path) -> None:

@@ -96,7 +96,7 @@ def _timed_rows(
         return {name: t.clone() for name, t in load_file(path_a).items()}
 
     s_a = best_of(repeats, save_a)
-    r_a = best_of(repeats + 2, restore_a)
+    r_a = best_of(repeats, restore_a)
     add("(a) safetensors.save_file + fsync", path_a.stat().st_size, s_a[:2], r_a[:2], "a")
 
     # (b) torch.save
@@ -137,12 +137,12 @@ def _timed_rows(
 
     # (d) fishckpt
     store = CheckpointStore.create(work / "store", base, mask)
-    s_d = best_of(repeats, lambda i: store.save(tuned, 1, overwrite=i > 0))
+    s_d = best_of(repeats, lambda i: store.save(tuned, 1, overwrite=True))
     info = store.info(1)
-    r_d = best_of(repeats + 2, lambda _: store.load(1))
+    r_d = best_of(repeats, lambda _: store.load(1))
     add("(d) fishckpt save (exact check) / load (verified)", info.bytes, s_d[:2], r_d[:2], "d")
-    s_fast = best_of(repeats, lambda i: store.save(tuned, 2, overwrite=i > 0, check_outside_mask=False))
-    r_raw = best_of(repeats + 2, lambda _: store.load(2, verify=False))
+    s_fast = best_of(repeats, lambda i: store.save(tuned, 2, overwrite=True, check_outside_mask=False))
+    r_raw = best_of(repeats, lambda _: store.load(2, verify=False))
     add("(d) fishckpt save (fast path) / load (verify=False)", store.info(2).bytes, s_fast[:2], r_raw[:2], "dfast")
 
     # switching a live state between two steps in place
@@ -207,7 +207,7 @@ def minilm_states(
     return base, tuned, halfway, mask
 
 
-def run(report: Callable[[str], None], *, hidden: int = 1664, layers: int = 12, repeats: int = 3) -> dict[str, float]:
+def run(report: Callable[[str], None], *, hidden: int = 1664, layers: int = 12, repeats: int = 5) -> dict[str, float]:
     """Runs the synthetic workload and the real MiniLM workload; reports markdown tables."""
     warnings.simplefilter("ignore", fishckpt.OutsideMaskWarning)
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--hidden", type=int, default=1664, help="model width (1664 gives ~1 GiB)")
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     started = time.perf_counter()
     run(print, hidden=args.hidden, layers=args.layers, repeats=args.repeats)
