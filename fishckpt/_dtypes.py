@@ -59,7 +59,9 @@ def _rows() -> list[DType]:
 _BY_NAME: dict[str, DType] = {row.name: row for row in _rows()}
 _BY_TORCH: dict[torch.dtype, DType] = {row.torch_dtype: row for row in _BY_NAME.values()}
 
-_UNSIGNED_WORD: dict[int, torch.dtype] = {
+# Integer word dtypes by width. Signed for 2/4/8 bytes because torch has no arithmetic on wide
+# unsigned types; callers treat the words as bit patterns only.
+WORD_DTYPE: dict[int, torch.dtype] = {
     1: torch.uint8,
     2: torch.int16,
     4: torch.int32,
@@ -86,15 +88,24 @@ def dtype_by_name(name: str, *, where: str) -> DType:
     return row
 
 
-def word_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat view of a contiguous tensor's bit patterns as integer words.
-
-    Elements of 16 bytes (complex128) become two 8-byte words each. The words
-    are signed for 2/4/8 bytes because torch has no arithmetic on wide unsigned
-    types; callers treat them as bit patterns only.
-    """
+def element_words(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's elements as integer words: shape (numel,), or (numel, 2) for 16-byte types."""
     flat = tensor.reshape(-1)
     if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    word = min(flat.element_size(), 8)
-    return flat.view(_UNSIGNED_WORD[word])
+        return flat.view(torch.uint8)
+    size = flat.element_size()
+    if size <= 8:
+        return flat.view(WORD_DTYPE[size])
+    return flat.view(torch.int64).reshape(-1, size // 8)
+
+
+def bytes_as_elements(data: torch.Tensor, row: DType) -> torch.Tensor:
+    """``element_words`` of a uint8 byte range that holds ``row``-typed elements."""
+    if row.itemsize <= 8:
+        return data.view(WORD_DTYPE[row.itemsize])
+    return data.view(torch.int64).reshape(-1, row.itemsize // 8)
+
+
+def word_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat view of a contiguous tensor's bit patterns as integer words (complex128: two per element)."""
+    return element_words(tensor).reshape(-1)

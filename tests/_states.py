@@ -8,8 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from fishckpt import Mask
-from fishckpt._dtypes import _BY_NAME
-from fishckpt._store import _elements
+from fishckpt._dtypes import _BY_NAME, element_words
 
 DTYPES = [row.torch_dtype for row in _BY_NAME.values()]
 
@@ -52,10 +51,10 @@ def changed(
     out = {}
     for name, tensor in base.items():
         new = tensor.clone()
-        flat = _elements(new)  # integer words: index_put works for every dtype
+        flat = element_words(new)  # integer words: index_put works for every dtype
         numel = flat.shape[0]
         if numel:
-            fresh = _elements(random_tensor(tensor.dtype, (numel,), generator))
+            fresh = element_words(random_tensor(tensor.dtype, (numel,), generator))
             pick = torch.rand(numel, generator=generator)
             in_mask = torch.zeros(numel, dtype=torch.bool)
             if name in mask:
