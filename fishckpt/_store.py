@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import _codec, _container, _training
+from . import _codec, _container, _scan, _training
 from ._basefile import TensorEntry, chunk_elements, chunk_ranges, digest_of, open_base, write_base
 from ._dtypes import WORD_DTYPE, DType, bytes_as_elements, dtype_by_name, dtype_row, element_words
 from ._errors import (
@@ -42,6 +43,7 @@ from ._io import atomic_write, exclusive_lock, fsync_dir, remove_stale_temps, te
 from ._manifest import BASE_NAME, LOCK_NAME, MANIFEST_NAME, MASK_NAME, STEPS_DIR, Manifest, read_manifest
 from ._mask import Mask
 from ._records import CheckpointInfo, SaveInfo, VerifyError, VerifyFailure
+from ._scan import MaskPlan
 
 PathLike = str | Path
 StateLike = Mapping[str, torch.Tensor] | torch.nn.Module
@@ -68,16 +70,6 @@ def _differs(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 # The store ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """Per-tensor facts derived once from the base and the mask, all O(k)."""
-
-    index: torch.Tensor  # sorted flat indices (int64)
-    chunk_bounds: list[int]  # index[bounds[c]:bounds[c+1]] fall in hashing chunk c
-    local_index: torch.Tensor  # index minus its chunk's first element
-    base_masked: torch.Tensor  # the base's element words at index
 
 
 @dataclass
@@ -148,9 +140,10 @@ class CheckpointStore:
         self._mask = mask
         self._entries = {entry.name: entry for entry in manifest.entries}
         self._base: dict[str, torch.Tensor] | None = None
-        self._plans: dict[str, _Plan] | None = None
+        self._plans: dict[str, MaskPlan] | None = None
         self._groups: list[_Group] | None = None
         self._scratch: torch.Tensor | None = None
+        self._scratch_lock = threading.Lock()
         self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
         # The last few decoded steps (O(k) each), keyed by step and the file's identity, so
         # switching between steps decodes only the step switched to.
@@ -310,7 +303,7 @@ class CheckpointStore:
             self._base = open_base(self.path / BASE_NAME, self._manifest.entries)
         return self._base
 
-    def _plan(self) -> dict[str, _Plan]:
+    def _plan(self) -> dict[str, MaskPlan]:
         if self._plans is None:
             base = self._base_tensors()
             plans = {}
@@ -318,16 +311,7 @@ class CheckpointStore:
                 if entry.alias_of is not None:
                     continue
                 index = self._mask[entry.name] if entry.name in self._mask else torch.zeros(0, dtype=torch.int64)
-                per_chunk = chunk_elements(entry.dtype.itemsize, self._manifest.chunk_bytes)
-                edges = torch.arange(0, max(entry.numel, 1) + per_chunk, per_chunk)
-                bounds = torch.searchsorted(index, edges).tolist()
-                chunk_of = torch.div(index, per_chunk, rounding_mode="floor")
-                plans[entry.name] = _Plan(
-                    index=index,
-                    chunk_bounds=bounds,
-                    local_index=index - chunk_of * per_chunk,
-                    base_masked=element_words(base[entry.name]).index_select(0, index),
-                )
+                plans[entry.name] = MaskPlan.build(entry, index, base[entry.name], self._manifest.chunk_bytes)
             self._plans = plans
         return self._plans
 
@@ -503,13 +487,25 @@ class CheckpointStore:
                     lambda e: self._gather(e.name, plans[e.name].index, _contiguous(tensors[e.name])), owners
                 )
                 return {entry.name: values for entry, values in zip(owners, gathered, strict=True)}, {}
+
+        # The C scan releases the GIL, so two tensors scan at once; the torch fallback shares one
+        # scratch buffer under a lock. Each worker makes its own contiguous copy: at most two exist.
+        def scan(entry: TensorEntry) -> tuple[torch.Tensor, list[int]]:
+            tensor = _contiguous(tensors[entry.name])
+            if _scan.runs_native(tensor):
+                return _scan.scan(entry, plans[entry.name], tensor, scratch=None)
+            with self._scratch_lock:
+                return _scan.scan(entry, plans[entry.name], tensor, self._scratch_buffer())
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            scanned = list(pool.map(scan, owners))
         masked: dict[str, torch.Tensor] = {}
         extras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for entry in owners:
-            tensor = _contiguous(tensors[entry.name])
-            values, positions = self._scan(entry, plans[entry.name], tensor)
+        for entry, (values, differing) in zip(owners, scanned, strict=True):
             masked[entry.name] = values
-            if positions.numel():
+            if differing:
+                tensor = _contiguous(tensors[entry.name])
+                positions = torch.cat([self._chunk_changes(entry, number, tensor) for number in differing])
                 extras[entry.name] = (positions, self._gather(entry.name, positions, tensor, cache=False))
         return masked, extras
 
@@ -525,46 +521,12 @@ class CheckpointStore:
             return element_words(tensor).index_select(0, device_index).cpu()
         return element_words(tensor).index_select(0, index)
 
-    def _scan(self, entry: TensorEntry, plan: _Plan, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over ``tensor``: gathers the masked words and finds every change outside the mask.
-
-        Each chunk is copied into a cache-sized buffer, its masked entries are
-        reset to the base's values, and the xxh3 digest is compared with the
-        base's chunk digest. Only chunks whose digest differs are compared
-        entry by entry with the base to find what changed.
-        """
-        row = entry.dtype
-        itemsize = row.itemsize
-        data = byte_view(tensor)
-        on_cpu = tensor.device.type == "cpu"
-        per_chunk = chunk_elements(itemsize, self._manifest.chunk_bytes)
-        values = torch.empty_like(plan.base_masked)
-        bounds = plan.chunk_bounds
-        scratch = self._scratch_buffer()
-        changed: list[torch.Tensor] = []
-        for number, (start, stop) in enumerate(chunk_ranges(entry.numel, per_chunk)):
-            low, high = bounds[number], bounds[number + 1]
-            source = data[start * itemsize : stop * itemsize]
-            if low == high and on_cpu:
-                chunk = source  # no masked entries: hash the state's own memory
-            else:
-                chunk = scratch[: source.numel()]
-                chunk.copy_(source)
-                if low != high:
-                    words = bytes_as_elements(chunk, row)
-                    local = plan.local_index[low:high]
-                    torch.index_select(words, 0, local, out=values[low:high])
-                    words.index_copy_(0, local, plan.base_masked[low:high])
-            if digest_of(chunk) != entry.chunk_digests[number]:
-                changed.append(self._chunk_changes(entry, number, start, stop, chunk))
-        positions = torch.cat(changed) if changed else torch.zeros(0, dtype=torch.int64)
-        return values, positions
-
-    def _chunk_changes(
-        self, entry: TensorEntry, number: int, start: int, stop: int, chunk: torch.Tensor
-    ) -> torch.Tensor:
-        """Positions in [start, stop) where ``chunk`` (masked entries already reset) differs from the base."""
+    def _chunk_changes(self, entry: TensorEntry, number: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Positions in chunk ``number`` where ``tensor``, its masked entries reset, differs from the base."""
+        plan = self._plan()[entry.name]
         itemsize = entry.dtype.itemsize
+        start = number * plan.per_chunk
+        stop = min(start + plan.per_chunk, entry.numel)
         base_chunk = byte_view(self._base_tensors()[entry.name])[start * itemsize : stop * itemsize]
         # The base itself may be what changed: never record a damaged base as changes of the state.
         if digest_of(base_chunk) != entry.chunk_digests[number]:
@@ -572,8 +534,10 @@ class CheckpointStore:
                 f"{self.path / BASE_NAME}: tensor {entry.name!r}: base bytes no longer match their digest "
                 f"(chunk {number}); the base file is corrupted; restore it from a copy"
             )
-        current, reference = bytes_as_elements(chunk, entry.dtype), bytes_as_elements(base_chunk, entry.dtype)
-        where = torch.nonzero(_differs(current, reference))
+        with self._scratch_lock:
+            chunk = _scan.reset_chunk(entry, plan, byte_view(tensor), number, self._scratch_buffer())
+            current, reference = bytes_as_elements(chunk, entry.dtype), bytes_as_elements(base_chunk, entry.dtype)
+            where = torch.nonzero(_differs(current, reference))
         return where.reshape(-1) + start
 
     def _encode(

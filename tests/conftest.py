@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from fishckpt import _scan
 from fishckpt._dtypes import word_view
 
 
@@ -22,3 +24,13 @@ def assert_state_bits_equal(actual: dict[str, torch.Tensor], expected: dict[str,
     assert list(actual) == list(expected), "keys or their order differ"
     for key in expected:
         assert_bits_equal(actual[key], expected[key], key=key)
+
+
+@pytest.fixture(params=["native", "torch"])
+def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the C scan of the exact check, then with the torch fallback used where it is not built."""
+    if request.param == "native" and not _scan.native_available():
+        pytest.skip("the C extension was not built")
+    if request.param == "torch":
+        monkeypatch.setattr(_scan, "_native", None)
+    return str(request.param)

@@ -26,7 +26,7 @@ def _save_quietly(store: CheckpointStore, state: dict[str, torch.Tensor], step: 
 
 @ROUND_TRIP
 @given(states_and_masks())
-def test_round_trip_random_states(tmp_path_factory: pytest.TempPathFactory, case) -> None:
+def test_round_trip_random_states(tmp_path_factory: pytest.TempPathFactory, scan_path: str, case) -> None:
     base, mask, seed = case
     # 64-byte chunks put many chunk boundaries inside even these small tensors.
     store = CheckpointStore.create(tmp_path_factory.mktemp("s") / "store", base, mask, chunk_bytes=64)
@@ -48,7 +48,7 @@ def test_round_trip_random_states(tmp_path_factory: pytest.TempPathFactory, case
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_dtype_with_changes_inside_and_outside(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_every_dtype_with_changes_inside_and_outside(tmp_path: Path, scan_path: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     base = {
         "w": random_tensor(dtype, (40, 30), generator),
