@@ -63,6 +63,31 @@ def best_of(repeats: int, run: Callable[[int], T]) -> tuple[float, int, T]:  # r
     return best, growth[0], result
 
 
+def interleaved(rounds: int, runs: dict[str, Callable[[int], object]]) -> dict[str, tuple[float, int]]:
+    """Best seconds and peak RSS growth of each run, timed round by round: every run once per round.
+
+    On this shared VM whole stretches of time run slow (kernel reclaim, a busy
+    neighbour). Timing all repeats of one method and then all of the next lets
+    one method land in a slow stretch and another in a quiet one; interleaving
+    gives every method the same stretches, so ratios compare like with like.
+    Peak RSS comes from one more run of each under the sampler, as in ``best_of``.
+    """
+    best = dict.fromkeys(runs, float("inf"))
+    for i in range(rounds):
+        for name, run in runs.items():
+            os.sync()
+            start = time.perf_counter()
+            run(i)
+            best[name] = min(best[name], time.perf_counter() - start)
+    out = {}
+    for name, run in runs.items():
+        os.sync()
+        with peak_rss_growth() as growth:
+            run(rounds)
+        out[name] = (best[name], growth[0])
+    return out
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
