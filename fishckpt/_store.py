@@ -391,7 +391,7 @@ class CheckpointStore:
             )
         started = time.perf_counter()
         step = _check_step(step)
-        tensors = self._validated_state(_state_of(state))
+        tensors = {name: _plain(t) for name, t in self._validated_state(_state_of(state)).items()}
         meta = _json_metadata(metadata)
         training = _training_tree(optimizer, scheduler, rng)
         target = self.step_path(step)
@@ -464,7 +464,7 @@ class CheckpointStore:
                     and tied.device == source.device
                 )
                 same_bits = same_view or torch.equal(
-                    element_words(tied.contiguous()), element_words(source.contiguous())
+                    element_words(_plain(tied).contiguous()), element_words(_plain(source).contiguous())
                 )
                 if not same_bits:
                     raise StateMismatchError(
@@ -844,7 +844,7 @@ class CheckpointStore:
                     entry = self._entries[name]
                     if entry.alias_of is not None:
                         continue
-                    if tensor.device.type == "cpu" and tensor.is_contiguous():
+                    if tensor.device.type == "cpu" and tensor.is_contiguous() and _plain(tensor) is tensor:
                         self._rebuild(entry, tensor, decoded, verify=verify)
                     else:
                         staged = torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
@@ -884,7 +884,7 @@ class CheckpointStore:
         for name in owners:
             entry = self._entries[name]
             tensor = tensors[name]
-            work = tensor if tensor.is_contiguous() else tensor.contiguous()
+            work = _plain(tensor).contiguous()  # the tensor itself where it can be written as bits
             elements = element_words(work)
             if name in old.extras:  # undo the old step's changes outside the mask
                 positions, _ = old.extras[name]
@@ -1112,6 +1112,15 @@ def _plan_base(
         entries.append(TensorEntry(name, row, tuple(tensor.shape), None, []))
         tensors.append((name, tensor.contiguous().cpu(), row))
     return entries, tensors
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a copy of its values if it is a lazily conjugated or negated view.
+
+    Such views (``x.conj()``, ``x.conj().imag``) hold other bits than their values, so they
+    can be neither read nor written as bit patterns; copying them costs one tensor.
+    """
+    return tensor.resolve_conj().resolve_neg()
 
 
 def _contiguous(tensor: torch.Tensor) -> torch.Tensor:

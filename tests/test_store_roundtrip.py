@@ -89,6 +89,28 @@ def test_non_contiguous_and_strided_states(tmp_path: Path) -> None:
     assert loaded["w"].is_contiguous()
 
 
+@pytest.mark.parametrize("check", [True, False], ids=["exact", "fast"])
+def test_conjugate_and_negative_views_are_saved_as_their_values(tmp_path: Path, check: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = {"c": torch.randn(10, dtype=torch.complex64, generator=generator), "r": torch.randn(10, generator=generator)}
+    mask = Mask.from_indices({"c": [1, 2], "r": [3]}, {"c": (10,), "r": (10,)})
+    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    moved = base["c"].clone()
+    moved[[1, 2]] = torch.tensor([1 + 2j, -3 + 4j])
+    # Equal in value to `moved` and to the base with r[3] = 7, held as a conj-bit and a neg-bit view.
+    state = {
+        "c": moved.conj_physical().conj(),
+        "r": torch.complex(torch.zeros(10), -base["r"]).conj().imag,
+    }
+    state["r"][3] = 7.0
+    assert state["c"].is_conj() and state["r"].is_neg()
+    expected_r = base["r"].clone()
+    expected_r[3] = 7.0
+    expected = {"c": moved, "r": expected_r}
+    _save_quietly(store, state, 1, check_outside_mask=check)
+    assert_state_bits_equal(store.load(1), expected)
+
+
 def test_tied_weights_restore_tied(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight  # tied, as in language models
@@ -199,3 +221,25 @@ def test_cuda_state_round_trip(tmp_path: Path) -> None:
     store.load_into(target, 1)
     store.load_into(target, 2)
     assert_state_bits_equal({k: v.cpu() for k, v in target.items()}, base)
+
+
+def test_load_into_conjugate_and_negative_views_writes_their_values(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    base = {"c": torch.randn(10, dtype=torch.complex64, generator=generator), "r": torch.randn(10, generator=generator)}
+    mask = Mask.from_indices({"c": [1, 2], "r": [3]}, {"c": (10,), "r": (10,)})
+    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    steps = {}
+    for step in (1, 2):
+        state = {name: t.clone() for name, t in base.items()}
+        state["c"][[1, 2]] = torch.tensor([step + 1j, -step - 2j])
+        state["r"][3] = float(step)
+        store.save(state, step)
+        steps[step] = state
+    target = {
+        "c": torch.zeros(10, dtype=torch.complex64).conj(),
+        "r": torch.complex(torch.zeros(10), torch.zeros(10)).conj().imag,
+    }
+    assert target["c"].is_conj() and target["r"].is_neg()
+    for step in (1, 2, 1):  # a full write, then the O(k) switch path twice
+        store.load_into(target, step)
+        assert_state_bits_equal({name: t.resolve_conj().resolve_neg() for name, t in target.items()}, steps[step])
