@@ -449,6 +449,12 @@ class CheckpointStore:
             tensor = state[name]
             if not isinstance(tensor, torch.Tensor):
                 raise StateMismatchError(f"key {name!r}: expected a tensor, got {type(tensor).__name__}")
+            if tensor.layout != torch.strided:
+                raise StateMismatchError(
+                    f"key {name!r}: {tensor.layout} tensors are not supported; make it dense with .to_dense()"
+                )
+            if tensor.is_meta:
+                raise StateMismatchError(f"key {name!r} is on the meta device and holds no data; materialise it first")
             if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype.torch_dtype:
                 raise StateMismatchError(
                     f"key {name!r}: state has {tensor.dtype} {tuple(tensor.shape)}, the base has "

@@ -47,6 +47,14 @@ def _step_files(store: CheckpointStore) -> list[str]:
             "key 'w': state has torch.float32 (3, 4), the base has torch.float32 (4, 3)",
         ),
         ({"w": torch.zeros(4, 3, dtype=torch.float64), "b": torch.zeros(3)}, "key 'w': state has torch.float64 (4, 3)"),
+        (
+            {"w": torch.zeros(4, 3).to_sparse(), "b": torch.zeros(3)},
+            "key 'w': torch.sparse_coo tensors are not supported; make it dense with .to_dense()",
+        ),
+        (
+            {"w": torch.zeros(4, 3), "b": torch.zeros(3, device="meta")},
+            "key 'b' is on the meta device and holds no data",
+        ),
     ],
 )
 def test_mismatched_state_is_refused_and_nothing_written(store: CheckpointStore, state, message: str) -> None:
