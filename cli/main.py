@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 import fishckpt
+from fishckpt import _scan
 
 from .commands import diff, mask, report, steps, store, verify
 
@@ -46,7 +47,12 @@ class FishckptGroup(click.Group):
 
 
 @click.group(cls=FishckptGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(fishckpt.__version__, prog_name="fishckpt")
+@click.version_option(
+    fishckpt.__version__,
+    prog_name="fishckpt",
+    # Says whether saves run the C scan, so a slow exact-check save on a compiler-less install can be explained.
+    message=f"%(prog)s, version %(version)s (exact-check scan: {'C' if _scan.native_available() else 'pure Python'})",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Show no progress bars (they appear only on a terminal anyway).")
 def cli(quiet: bool) -> None:
     """Store checkpoints of fixed-sparse-mask training as base + masked values.

@@ -13,7 +13,7 @@ from _cli_support import Files, base_state, make_files, make_store, run, step_st
 from conftest import assert_state_bits_equal, bits
 from safetensors.torch import save_file
 
-from fishckpt import CheckpointStore, Mask, load_state_file
+from fishckpt import CheckpointStore, Mask, _scan, load_state_file
 
 
 @pytest.fixture
@@ -330,4 +330,13 @@ def test_python_dash_m_runs_the_cli() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fishckpt", "--version"], capture_output=True, text=True, check=False, timeout=120
     )
-    assert (result.returncode, result.stdout) == (0, "fishckpt, version 0.1.0\n")
+    scan = "C" if _scan.native_available() else "pure Python"
+    assert (result.returncode, result.stdout) == (0, f"fishckpt, version 0.1.0 (exact-check scan: {scan})\n")
+
+
+def test_version_says_when_saves_run_the_pure_python_scan() -> None:
+    script = "import sys; sys.modules['fishckpt._native'] = None; from fishckpt_cli.main import main; main()"
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--version"], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert (result.returncode, result.stdout) == (0, "fishckpt, version 0.1.0 (exact-check scan: pure Python)\n")
