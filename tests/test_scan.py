@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch
 import xxhash
 from _states import DTYPES, random_tensor
 from conftest import bits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fishckpt import _scan
 from fishckpt._basefile import TensorEntry
@@ -197,3 +200,26 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@needs_native
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    numel=st.integers(0, 5000),
+    per_chunk=st.integers(1, 3000),
+    density=st.floats(0, 1),
+    outside=st.integers(0, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_native_matches_oracle_and_torch_loop(
+    dtype: torch.dtype, numel: int, per_chunk: int, density: float, outside: int, seed: int
+) -> None:
+    entry, plan, _, state, index, expected_chunks = _case(dtype, numel, per_chunk, density, outside, seed)
+    scratch = torch.empty(per_chunk * entry.dtype.itemsize, dtype=torch.uint8)
+    native_values, native_chunks = _scan.scan(entry, plan, state, scratch=None)
+    with mock.patch.object(_scan, "_native", None):
+        torch_values, torch_chunks = _scan.scan(entry, plan, state, scratch)
+    assert native_chunks == torch_chunks == expected_chunks
+    assert torch.equal(bits(native_values), bits(element_words(state)[index]))
+    assert torch.equal(bits(native_values), bits(torch_values))
