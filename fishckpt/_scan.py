@@ -65,6 +65,12 @@ class MaskPlan:
         )
 
 
+def chunk_span(entry: TensorEntry, plan: MaskPlan, number: int) -> tuple[int, int]:
+    """Element range [start, stop) of hashing chunk ``number``."""
+    start = number * plan.per_chunk
+    return start, min(start + plan.per_chunk, entry.numel)
+
+
 def reset_chunk(
     entry: TensorEntry,
     plan: MaskPlan,
@@ -79,8 +85,7 @@ def reset_chunk(
     into it first. Returns the part of ``scratch`` that holds the chunk.
     """
     itemsize = entry.dtype.itemsize
-    start = number * plan.per_chunk
-    stop = min(start + plan.per_chunk, entry.numel)
+    start, stop = chunk_span(entry, plan, number)
     source = data[start * itemsize : stop * itemsize]
     chunk = scratch[: source.numel()]
     chunk.copy_(source)

@@ -531,8 +531,7 @@ class CheckpointStore:
         """Positions in chunk ``number`` where ``tensor``, its masked entries reset, differs from the base."""
         plan = self._plan()[entry.name]
         itemsize = entry.dtype.itemsize
-        start = number * plan.per_chunk
-        stop = min(start + plan.per_chunk, entry.numel)
+        start, stop = _scan.chunk_span(entry, plan, number)
         base_chunk = byte_view(self._base_tensors()[entry.name])[start * itemsize : stop * itemsize]
         # The base itself may be what changed: never record a damaged base as changes of the state.
         if digest_of(base_chunk) != entry.chunk_digests[number]:
