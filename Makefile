@@ -9,14 +9,14 @@ STAMP := $(VENV)/.fishckpt-installed
 .PHONY: install test test-slow lint demo bench experiments clean
 
 # The C extension is rebuilt by the editable install, so its sources are prerequisites too.
-$(STAMP): pyproject.toml setup.py Makefile fishckpt/_native.c third_party/xxhash/xxhash.h
+$(STAMP): pyproject.toml setup.py Makefile fishckpt/store/_native.c third_party/xxhash/xxhash.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would fetch a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# Users without a compiler get the pure-Python scan; our own set-up must build the C one.
-	$(BIN)/python -c "import fishckpt._native" || { echo "fishckpt/_native.c did not build: is a C compiler with Python headers installed?"; exit 1; }
+	$(BIN)/python -c "import fishckpt.store._native" || { echo "fishckpt/store/_native.c did not build: is a C compiler with Python headers installed?"; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_of, fsync_file, interleaved, mib, table
 
 import fishckpt
-from fishckpt import CheckpointStore, Mask, _scan
+from fishckpt import CheckpointStore, Mask
+from fishckpt.store import scan as _scan
 
 
 def synthetic_model(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fishckpt._files import STATE_FORMATS
+from fishckpt import STATE_FORMATS
 
 # File suffixes that mean "PyTorch file" when --format is not given; everything else is safetensors.
 TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin"})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from pathlib import Path
 
 import click
@@ -27,3 +30,20 @@ def check_output(path: Path, *, force: bool) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise click.ClickException(f"{parent}: no such folder; create it first")
+
+
+def write_output(path: Path, data: bytes, *, force: bool) -> None:
+    """Writes an output file whole or not at all: a temp file beside it, fsync, rename (or link without --force)."""
+    temp = path.with_name(f".tmp-{secrets.token_hex(8)}-{path.name}")
+    try:
+        with open(temp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)

@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 import fishckpt
-from fishckpt import _scan
 
 from .commands import diff, mask, report, steps, store, verify
 
@@ -51,7 +50,9 @@ class FishckptGroup(click.Group):
     fishckpt.__version__,
     prog_name="fishckpt",
     # Says whether saves run the C scan, so a slow exact-check save on a compiler-less install can be explained.
-    message=f"%(prog)s, version %(version)s (exact-check scan: {'C' if _scan.native_available() else 'pure Python'})",
+    message="%(prog)s, version %(version)s (exact-check scan: "
+    + ("C" if fishckpt.native_scan_available() else "pure Python")
+    + ")",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Show no progress bars (they appear only on a terminal anyway).")
 def cli(quiet: bool) -> None:

@@ -1,6 +1,7 @@
 """fishckpt: train with fixed sparse masks and checkpoint only the masked values."""
 
-from ._errors import (
+from .diff import StateDiff, TensorDiff, diff_states
+from .errors import (
     BaseMismatchError,
     FishckptError,
     FormatError,
@@ -8,6 +9,7 @@ from ._errors import (
     InvalidArgumentError,
     MaskLeakWarning,
     MaskMismatchError,
+    MissingFileError,
     OutsideMaskError,
     OutsideMaskWarning,
     StateMismatchError,
@@ -15,18 +17,22 @@ from ._errors import (
     StepNotFoundError,
     StoreExistsError,
     StoreLockedError,
+    VerifyError,
+    VerifyFailure,
 )
-from ._files import load_state_file, save_state_file
-from ._fisher import fisher_scores
-from ._mask import Mask
-from ._optim import GradientMask, SparseAdamW, mask_gradients
-from ._records import CheckpointInfo, SaveInfo, VerifyError, VerifyFailure
-from ._select import bitfit_mask, diff_mask, fish_mask, random_mask
-from ._store import CheckpointStore
+from .mask import Mask
+from .method.fisher import fisher_scores
+from .method.optim import GradientMask, SparseAdamW, mask_gradients
+from .method.select import bitfit_mask, diff_mask, fish_mask, random_mask
+from .statefiles import STATE_FORMATS, load_state_file, save_state_file
+from .store.records import CheckpointInfo, OutsideMaskTotal, SaveInfo, StoreReport
+from .store.scan import native_available as native_scan_available
+from .store.store import CheckpointStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "STATE_FORMATS",
     "BaseMismatchError",
     "CheckpointInfo",
     "CheckpointStore",
@@ -38,24 +44,31 @@ __all__ = [
     "Mask",
     "MaskLeakWarning",
     "MaskMismatchError",
+    "MissingFileError",
     "OutsideMaskError",
+    "OutsideMaskTotal",
     "OutsideMaskWarning",
     "SaveInfo",
     "SparseAdamW",
+    "StateDiff",
     "StateMismatchError",
     "StepExistsError",
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "StoreReport",
+    "TensorDiff",
     "VerifyError",
     "VerifyFailure",
     "__version__",
     "bitfit_mask",
     "diff_mask",
+    "diff_states",
     "fish_mask",
     "fisher_scores",
     "load_state_file",
     "mask_gradients",
+    "native_scan_available",
     "random_mask",
     "save_state_file",
 ]

@@ -8,9 +8,10 @@ import torch
 from hypothesis import strategies as st
 
 from fishckpt import Mask
-from fishckpt._dtypes import _BY_NAME, element_words
+from fishckpt.format.bits import element_words
+from fishckpt.format.dtypes import BY_NAME
 
-DTYPES = [row.torch_dtype for row in _BY_NAME.values()]
+DTYPES = [row.torch_dtype for row in BY_NAME.values()]
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fishckpt import _scan
-from fishckpt._dtypes import word_view
+from fishckpt.format.bits import word_view
+from fishckpt.store import scan as _scan
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,3 +34,16 @@ def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param == "torch":
         monkeypatch.setattr(_scan, "_native", None)
     return str(request.param)
+
+
+@pytest.fixture(params=["local", "memory"])
+def new_location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A maker of fresh store locations on one backend: a local folder, or the in-memory fake."""
+    from fishckpt.storage import MemoryStorage
+
+    def make():
+        if request.param == "local":
+            return tmp_path_factory.mktemp("s") / "store"
+        return MemoryStorage("test")
+
+    return make

@@ -13,7 +13,8 @@ from _cli_support import Files, base_state, make_files, make_store, run, step_st
 from conftest import assert_state_bits_equal, bits
 from safetensors.torch import save_file
 
-from fishckpt import CheckpointStore, Mask, _scan, load_state_file
+from fishckpt import CheckpointStore, Mask, load_state_file
+from fishckpt.store import scan as _scan
 
 
 @pytest.fixture
@@ -307,7 +308,7 @@ def test_disk_full_is_a_clear_error(files: Files, monkeypatch: pytest.MonkeyPatc
     def fsync_full(fd: int) -> None:  # the kernel reports a full disk at fsync
         raise OSError(errno.ENOSPC, "No space left on device", str(out))
 
-    monkeypatch.setattr("fishckpt._io.os.fsync", fsync_full)
+    monkeypatch.setattr("fishckpt.storage.local.os.fsync", fsync_full)
     for name in ("o.pt", "o.safetensors"):
         out = files.root / name
         result = run("restore", store, 1, "-o", out)
@@ -335,7 +336,7 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_version_says_when_saves_run_the_pure_python_scan() -> None:
-    script = "import sys; sys.modules['fishckpt._native'] = None; from fishckpt_cli.main import main; main()"
+    script = "import sys; sys.modules['fishckpt.store._native'] = None; from fishckpt_cli.main import main; main()"
     result = subprocess.run(
         [sys.executable, "-c", script, "--version"], capture_output=True, text=True, check=False, timeout=120
     )

@@ -19,7 +19,7 @@ from fishckpt import CheckpointStore, Mask
 CHILD = textwrap.dedent(
     """
     import os, sys, torch
-    import fishckpt._io as io
+    import fishckpt.storage.local as io
     from fishckpt import CheckpointStore
 
     store_path, crash_at, first_step = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -16,10 +16,10 @@ from conftest import bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fishckpt import _scan
-from fishckpt._basefile import TensorEntry
-from fishckpt._dtypes import dtype_row, element_words
-from fishckpt._files import byte_view
+from fishckpt.format.bits import byte_view, element_words
+from fishckpt.format.dtypes import dtype_row
+from fishckpt.format.manifest import TensorEntry
+from fishckpt.store import scan as _scan
 
 needs_native = pytest.mark.skipif(not _scan.native_available(), reason="the C extension was not built")
 
@@ -165,12 +165,13 @@ def test_native_digest_matches_xxhash_package() -> None:
 
 
 def test_store_works_where_the_extension_is_missing(tmp_path) -> None:
-    # As installed without a compiler: importing fishckpt._native fails, and saves still find every change.
+    # As installed without a compiler: importing fishckpt.store._native fails, and saves still find every change.
     script = f"""
 import sys, warnings
-sys.modules["fishckpt._native"] = None  # makes `from . import _native` raise ImportError
+sys.modules["fishckpt.store._native"] = None  # makes `from . import _native` raise ImportError
 import torch
-from fishckpt import CheckpointStore, Mask, OutsideMaskWarning, _scan
+from fishckpt import CheckpointStore, Mask, OutsideMaskWarning
+from fishckpt.store import scan as _scan
 assert not _scan.native_available()
 base = {{"w": torch.arange(4096, dtype=torch.float32), "b": torch.zeros(3)}}
 mask = Mask.from_indices({{"w": [5, 4000]}}, {{"w": (4096,)}})

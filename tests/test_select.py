@@ -13,12 +13,12 @@ from fishckpt import (
     InvalidArgumentError,
     Mask,
     StateMismatchError,
-    _select,
     bitfit_mask,
     diff_mask,
     fish_mask,
     random_mask,
 )
+from fishckpt.method import select as _select
 
 
 def _brute_force(scores: dict[str, torch.Tensor], k: int, always: set[str], excluded: set[str]) -> Mask:

@@ -24,7 +24,7 @@ from fishckpt import (
     StoreExistsError,
     StoreLockedError,
 )
-from fishckpt._io import exclusive_lock
+from fishckpt.storage.local import exclusive_lock
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_missing_step_and_bad_step_numbers(store: CheckpointStore) -> None:
 
 
 def test_metadata_must_be_json(store: CheckpointStore) -> None:
-    with pytest.raises(TypeError, match="metadata key 'when' is not JSON-serialisable"):
+    with pytest.raises(InvalidArgumentError, match="metadata key 'when' is not JSON-serialisable"):
         store.save({"w": torch.zeros(4, 3), "b": torch.zeros(3)}, 1, metadata={"lr": 0.1, "when": object()})
     assert _step_files(store) == []
 

@@ -26,16 +26,17 @@ def _save_quietly(store: CheckpointStore, state: dict[str, torch.Tensor], step: 
 
 @ROUND_TRIP
 @given(states_and_masks())
-def test_round_trip_random_states(tmp_path_factory: pytest.TempPathFactory, scan_path: str, case) -> None:
+def test_round_trip_random_states(new_location, scan_path: str, case) -> None:
     base, mask, seed = case
     # 64-byte chunks put many chunk boundaries inside even these small tensors.
-    store = CheckpointStore.create(tmp_path_factory.mktemp("s") / "store", base, mask, chunk_bytes=64)
+    location = new_location()
+    store = CheckpointStore.create(location, base, mask, chunk_bytes=64)
     first = changed(base, mask, seed, inside=0.7, outside=0.0)
     second = changed(base, mask, seed + 7, inside=0.5, outside=0.2)
     info = _save_quietly(store, first, 1)
     assert info.changed_outside_mask == {}
     _save_quietly(store, second, 2)
-    reopened = CheckpointStore.open(store.path)
+    reopened = CheckpointStore.open(location)
     assert_state_bits_equal(reopened.load(2), second)
     assert_state_bits_equal(reopened.load(1), first)
     assert_state_bits_equal(reopened.load(1, verify=False), first)
@@ -48,7 +49,8 @@ def test_round_trip_random_states(tmp_path_factory: pytest.TempPathFactory, scan
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_dtype_with_changes_inside_and_outside(tmp_path: Path, scan_path: str, dtype: torch.dtype) -> None:
+def test_every_dtype_with_changes_inside_and_outside(new_location, scan_path: str, dtype: torch.dtype) -> None:
+    location = new_location()
     generator = torch.Generator().manual_seed(0)
     base = {
         "w": random_tensor(dtype, (40, 30), generator),
@@ -56,17 +58,18 @@ def test_every_dtype_with_changes_inside_and_outside(tmp_path: Path, scan_path: 
         "empty": random_tensor(dtype, (0, 3), generator),
     }
     mask = Mask.from_indices({"w": range(0, 1200, 7)}, {"w": (40, 30), "scalar": (), "empty": (0, 3)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask, chunk_bytes=256)
+    store = CheckpointStore.create(location, base, mask, chunk_bytes=256)
     state = changed(base, mask, 3, inside=1.0, outside=0.05)
     state["scalar"] = random_tensor(dtype, (), torch.Generator().manual_seed(9))
     _save_quietly(store, state, 5)
     assert_state_bits_equal(store.load(5), state)
 
 
-def test_nan_payloads_and_negative_zero_survive(tmp_path: Path) -> None:
+def test_nan_payloads_and_negative_zero_survive(new_location) -> None:
+    location = new_location()
     base = {"w": torch.zeros(8)}
     mask = Mask.from_indices({"w": [0, 1, 2]}, {"w": (8,)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    store = CheckpointStore.create(location, base, mask)
     state = {"w": torch.zeros(8)}
     payloads = torch.tensor([0x7FC00001, 0xFFC12345, 0x80000000, 0x7F800001], dtype=torch.int64).to(torch.int32)
     state["w"].view(torch.int32)[[0, 1, 2, 5]] = payloads  # 5 is outside the mask
@@ -75,10 +78,11 @@ def test_nan_payloads_and_negative_zero_survive(tmp_path: Path) -> None:
     assert loaded["w"].view(torch.int32).tolist() == state["w"].view(torch.int32).tolist()
 
 
-def test_non_contiguous_and_strided_states(tmp_path: Path) -> None:
+def test_non_contiguous_and_strided_states(new_location) -> None:
+    location = new_location()
     base = {"w": torch.arange(48, dtype=torch.float32).reshape(6, 8), "v": torch.arange(10, dtype=torch.float64)}
     mask = Mask.from_indices({"w": [1, 9, 40]}, {"w": (6, 8)})
-    store = CheckpointStore.create(tmp_path / "store", {"w": base["w"].t().contiguous().t(), "v": base["v"]}, mask)
+    store = CheckpointStore.create(location, {"w": base["w"].t().contiguous().t(), "v": base["v"]}, mask)
     transposed = torch.arange(48, dtype=torch.float32).reshape(8, 6).t()  # logical (6, 8), strided
     transposed_copy = transposed.contiguous()
     state = {"w": transposed, "v": torch.arange(20, dtype=torch.float64)[::2]}
@@ -90,11 +94,12 @@ def test_non_contiguous_and_strided_states(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("check", [True, False], ids=["exact", "fast"])
-def test_conjugate_and_negative_views_are_saved_as_their_values(tmp_path: Path, check: bool) -> None:
+def test_conjugate_and_negative_views_are_saved_as_their_values(new_location, check: bool) -> None:
+    location = new_location()
     generator = torch.Generator().manual_seed(0)
     base = {"c": torch.randn(10, dtype=torch.complex64, generator=generator), "r": torch.randn(10, generator=generator)}
     mask = Mask.from_indices({"c": [1, 2], "r": [3]}, {"c": (10,), "r": (10,)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    store = CheckpointStore.create(location, base, mask)
     moved = base["c"].clone()
     moved[[1, 2]] = torch.tensor([1 + 2j, -3 + 4j])
     # Equal in value to `moved` and to the base with r[3] = 7, held as a conj-bit and a neg-bit view.
@@ -111,11 +116,12 @@ def test_conjugate_and_negative_views_are_saved_as_their_values(tmp_path: Path, 
     assert_state_bits_equal(store.load(1), expected)
 
 
-def test_tied_weights_restore_tied(tmp_path: Path) -> None:
+def test_tied_weights_restore_tied(new_location) -> None:
+    location = new_location()
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight  # tied, as in language models
     mask = Mask.from_indices({"0.weight": [0, 5, 17]}, {"0.weight": (10, 4)})
-    store = CheckpointStore.create(tmp_path / "store", model, mask)
+    store = CheckpointStore.create(location, model, mask)
     with torch.no_grad():
         model[0].weight.view(-1)[[0, 5, 17]] += 1.0
     store.save(model, 1)
@@ -129,11 +135,12 @@ def test_tied_weights_restore_tied(tmp_path: Path) -> None:
     assert_bits_equal(fresh[0].weight, model[0].weight)
 
 
-def test_module_state_and_load_into_module(tmp_path: Path) -> None:
+def test_module_state_and_load_into_module(new_location) -> None:
+    location = new_location()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2))
     mask = Mask.from_indices({"0.weight": [0, 7, 29], "2.bias": [1]}, {"0.weight": (5, 6), "2.bias": (2,)})
-    store = CheckpointStore.create(tmp_path / "store", model, mask)
+    store = CheckpointStore.create(location, model, mask)
     model.train()
     model(torch.randn(16, 6))  # moves BatchNorm running stats: outside the mask
     with torch.no_grad():
@@ -146,10 +153,11 @@ def test_module_state_and_load_into_module(tmp_path: Path) -> None:
     assert_state_bits_equal(dict(other.state_dict()), dict(model.state_dict()))
 
 
-def test_switch_touches_only_changed_entries(tmp_path: Path) -> None:
+def test_switch_touches_only_changed_entries(new_location) -> None:
+    location = new_location()
     base = {"w": torch.zeros(1000), "b": torch.zeros(10)}
     mask = Mask.from_indices({"w": [3, 500]}, {"w": (1000,)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    store = CheckpointStore.create(location, base, mask)
     one = {"w": torch.zeros(1000), "b": torch.zeros(10)}
     one["w"][[3, 500]] = 1.0
     one["b"][4] = 2.0  # outside the mask: must be undone when switching to step 2
@@ -173,10 +181,11 @@ def test_switch_touches_only_changed_entries(tmp_path: Path) -> None:
     assert_state_bits_equal(target, one)
 
 
-def test_deleting_a_step_breaks_no_other(tmp_path: Path) -> None:
+def test_deleting_a_step_breaks_no_other(new_location) -> None:
+    location = new_location()
     base = {"w": torch.zeros(100)}
     mask = Mask.from_indices({"w": range(0, 100, 3)}, {"w": (100,)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    store = CheckpointStore.create(location, base, mask)
     states = {}
     for step in (10, 20, 30):
         state = {"w": torch.zeros(100)}
@@ -185,15 +194,16 @@ def test_deleting_a_step_breaks_no_other(tmp_path: Path) -> None:
         states[step] = state
     store.delete(20)
     assert store.steps == [10, 30]
-    reopened = CheckpointStore.open(store.path)
+    reopened = CheckpointStore.open(location)
     for step in (10, 30):
         assert_state_bits_equal(reopened.load(step), states[step])
     reopened.verify()
 
 
-def test_load_to_device_argument(tmp_path: Path) -> None:
+def test_load_to_device_argument(new_location) -> None:
+    location = new_location()
     base = {"w": torch.ones(4)}
-    store = CheckpointStore.create(tmp_path / "store", base, Mask.from_indices({"w": [1]}, {"w": (4,)}))
+    store = CheckpointStore.create(location, base, Mask.from_indices({"w": [1]}, {"w": (4,)}))
     store.save({"w": torch.tensor([1.0, 2.0, 1.0, 1.0])}, 0)
     loaded = store.load(0, device="cpu")
     assert torch.equal(bits(loaded["w"]), bits(torch.tensor([1.0, 2.0, 1.0, 1.0])))
@@ -223,11 +233,12 @@ def test_cuda_state_round_trip(tmp_path: Path) -> None:
     assert_state_bits_equal({k: v.cpu() for k, v in target.items()}, base)
 
 
-def test_load_into_conjugate_and_negative_views_writes_their_values(tmp_path: Path) -> None:
+def test_load_into_conjugate_and_negative_views_writes_their_values(new_location) -> None:
+    location = new_location()
     generator = torch.Generator().manual_seed(1)
     base = {"c": torch.randn(10, dtype=torch.complex64, generator=generator), "r": torch.randn(10, generator=generator)}
     mask = Mask.from_indices({"c": [1, 2], "r": [3]}, {"c": (10,), "r": (10,)})
-    store = CheckpointStore.create(tmp_path / "store", base, mask)
+    store = CheckpointStore.create(location, base, mask)
     steps = {}
     for step in (1, 2):
         state = {name: t.clone() for name, t in base.items()}

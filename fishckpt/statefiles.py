@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from ._errors import FormatError, InvalidArgumentError
-from ._io import atomic_write, atomic_writer
+from .errors import FormatError, InvalidArgumentError, MissingFileError
+from .format import safetensors_layout
+from .format.bits import byte_view
+from .format.dtypes import SAFETENSORS_DTYPE
+from .storage.local import atomic_write, atomic_writer
 
 PathLike = str | Path
 STATE_FORMATS = ("safetensors", "pt")
-
-# safetensors' dtype names, for the torch dtypes it can hold.
-SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-    torch.complex64: "C64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
 
 
 def load_state_file(path: PathLike) -> dict[str, torch.Tensor]:
@@ -35,15 +28,18 @@ def load_state_file(path: PathLike) -> dict[str, torch.Tensor]:
     top-level ``{"state_dict": {...}}`` wrapper, common in training scripts, is unwrapped.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        MissingFileError: ``path`` does not exist.
         FormatError: The file is neither format, or holds something other than named tensors.
 
     Example:
         >>> state = load_state_file("model.safetensors")
     """
     path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(9)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file or folder; check the path") from None
     if _is_safetensors(head) and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
         return _read_safetensors(path)
     if looks_like_state_file(head):
@@ -126,45 +122,17 @@ def save_state_file(
                 f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold; "
                 "write a PyTorch file instead (format 'pt')"
             )
-    names = aligned_order(state)
+    names = safetensors_layout.aligned_order(state)
     layout = [
         (name, SAFETENSORS_DTYPE[state[name].dtype], list(state[name].shape), _nbytes(state[name])) for name in names
     ]
 
     def pieces() -> Iterator[bytes | memoryview]:
-        yield safetensors_header(layout, {"format": "pt"})
+        yield safetensors_layout.header(layout, {"format": "pt"})
         for name in names:  # one tensor at a time: a CUDA or strided state is never copied whole
             yield byte_view(state[name].detach().cpu().contiguous()).numpy().data
 
     return atomic_write(path, pieces(), overwrite=overwrite)
-
-
-def aligned_order(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Larger elements first, as safetensors' own writer does, so every tensor starts aligned to its element size."""
-    return sorted(state, key=lambda key: -state[key].element_size())
-
-
-def safetensors_header(layout: Sequence[tuple[str, str, list[int], int]], metadata: Mapping[str, str]) -> bytes:
-    """The length prefix and JSON header of a safetensors file whose tensors follow in ``layout`` order.
-
-    Args:
-        layout: ``(name, safetensors dtype, shape, byte size)`` per tensor, in file order.
-        metadata: The ``__metadata__`` strings.
-    """
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name, dtype, shape, size in layout:
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    return struct.pack("<Q", len(encoded)) + encoded
-
-
-def byte_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous CPU tensor's bytes (0-d and empty included)."""
-    flat = tensor.reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-/* fishckpt._native: the exact check's inner loop in C, with the GIL released.
+/* fishckpt.store._native: the exact check's inner loop in C, with the GIL released.
  *
  * The exact check at save must prove that nothing outside the mask changed. A
  * tensor passes when every hashing chunk of it, with its masked entries reset to
@@ -180,7 +180,7 @@ static PyMethodDef native_methods[] = {
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "fishckpt._native",
+    .m_name = "fishckpt.store._native",
     .m_doc = "The exact check's chunk scan in C (see fishckpt/_scan.py for the pure-Python equivalent).",
     .m_size = 0,
     .m_methods = native_methods,

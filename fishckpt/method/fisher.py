@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._errors import InvalidArgumentError
+from ..errors import InvalidArgumentError
 
 __all__ = ["fisher_scores"]
 

@@ -1,26 +1,66 @@
-"""Lossless coding of bit patterns: wrapping integer differences, zigzag, byte planes, zstd."""
+"""Lossless coding of bit patterns: wrapping integer differences, zigzag, byte planes, zstd sections."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
+import zstandard
 
-from ._container import Section, compress
+from ..errors import FormatError, IntegrityError
+from .bits import UINT_BY_WIDTH, Words
 
-UINT_BY_WIDTH: dict[int, type[np.unsignedinteger]] = {
-    1: np.uint8,
-    2: np.uint16,
-    4: np.uint32,
-    8: np.uint64,
-}
 _INT_BY_WIDTH: dict[int, type[np.signedinteger]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
-Words = npt.NDArray[np.unsignedinteger]
+
+@dataclass(frozen=True)
+class Section:
+    """One stored byte string: its codec, stored bytes and decoded length."""
+
+    codec: str  # "raw" or "zstd"
+    raw_length: int
+    payload: bytes
 
 
-def as_words(array: npt.NDArray[np.generic], width: int) -> Words:
-    """Views any array of bit patterns as unsigned words of ``width`` bytes."""
-    return np.ascontiguousarray(array).view(UINT_BY_WIDTH[width])
+def compress(data: bytes | memoryview, *, level: int = 1) -> Section:
+    """zstd-compresses ``data``, keeping it raw when compression does not pay."""
+    raw_length = len(data)
+    packed = zstandard.ZstdCompressor(level=level).compress(data)
+    if len(packed) >= raw_length:
+        return Section("raw", raw_length, bytes(data))
+    return Section("zstd", raw_length, packed)
+
+
+def decompress(codec: object, payload: bytes | memoryview, raw_length: int, *, where: str) -> bytes:
+    """Decodes one stored section; zstd output is bounded by the declared ``raw_length``.
+
+    Args:
+        codec: ``"raw"`` or ``"zstd"``, as recorded.
+        payload: The stored bytes.
+        raw_length: The decoded length the record declares.
+        where: Names the file and section in errors.
+
+    Raises:
+        FormatError: An unknown codec, or sizes that disagree with the record.
+        IntegrityError: The zstd frame does not decode to exactly ``raw_length`` bytes.
+    """
+    if codec == "raw":
+        if len(payload) != raw_length:
+            raise FormatError(f"{where}: raw section has {len(payload)} bytes, not {raw_length}")
+        return bytes(payload)
+    if codec != "zstd":
+        raise FormatError(f"{where}: unknown codec {codec!r}")
+    declared = zstandard.frame_content_size(payload)
+    if declared != raw_length:
+        raise FormatError(f"{where}: zstd frame declares {declared} bytes, the record says {raw_length}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_length, allow_extra_data=False)
+    except zstandard.ZstdError as error:
+        raise IntegrityError(f"{where}: does not decompress: {error}") from error
+    if len(out) != raw_length:
+        raise IntegrityError(f"{where}: decoded to {len(out)} bytes, expected {raw_length}")
+    return out
 
 
 def zigzag(words: Words) -> Words:

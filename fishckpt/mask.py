@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-import xxhash
 
-from . import _codec, _container
-from ._errors import FormatError, MaskMismatchError
-from ._files import load_state_file, looks_like_state_file
-from ._io import atomic_write
+from .errors import FormatError, MaskMismatchError, MissingFileError
+from .format import digests, maskfile
+from .statefiles import load_state_file, looks_like_state_file
+from .storage.local import atomic_write
 
 PathLike = str | Path
 
@@ -170,13 +167,9 @@ class Mask:
     def digest(self) -> str:
         """The mask's identity: xxh3-128 of its names, shapes and indices, independent of file encoding."""
         if self._digest is None:
-            hasher = xxhash.xxh3_128()
             names = sorted(self._shapes)
             table = [[name, list(self._shapes[name]), self._indices[name].numel()] for name in names]
-            hasher.update(json.dumps(table, separators=(",", ":")).encode())
-            for name in names:
-                hasher.update(self._indices[name].numpy().astype("<i8", copy=False).tobytes())
-            self._digest = hasher.hexdigest()
+            self._digest = digests.mask_digest(table, (self._indices[name].numpy() for name in names))
         return self._digest
 
     # Files ------------------------------------------------------------------------------------
@@ -187,25 +180,27 @@ class Mask:
         Returns:
             The number of bytes written.
         """
-        all_indices = [self._indices[name].numpy() for name in self._shapes]
-        flat = np.concatenate(all_indices) if all_indices else np.zeros(0, np.int64)
-        # Gaps restart at each tensor: positions are made increasing across tensors by offsets.
-        offsets = (
-            np.repeat(
-                np.cumsum([0, *[math.prod(s) for s in self._shapes.values()][:-1]]).astype(np.int64),
-                [len(i) for i in all_indices],
-            )
-            if all_indices
-            else np.zeros(0, np.int64)
+        return atomic_write(Path(path), self.file_bytes(), overwrite=overwrite)
+
+    def file_bytes(self) -> list[bytes]:
+        """The mask file's bytes, as pieces."""
+        return maskfile.encode(
+            {name: index.numpy() for name, index in self._indices.items()}, self._shapes, self.digest
         )
-        width, sections = _codec.encode_positions(flat + offsets)
-        header = {
-            "kind": "mask",
-            "tensors": [[name, list(shape), self._indices[name].numel()] for name, shape in self._shapes.items()],
-            "gap_width": width,
-            "digest": self.digest,
-        }
-        return atomic_write(Path(path), _container.pack(_container.MASK_MAGIC, header, sections), overwrite=overwrite)
+
+    @classmethod
+    def from_file_bytes(cls, data: bytes, *, where: str) -> Mask:
+        """Reads fishckpt's own mask file from its bytes; ``where`` names it in errors.
+
+        Raises:
+            IntegrityError: The file is corrupted or truncated.
+            FormatError: It breaks a rule of the format, or its content does not match its recorded digest.
+        """
+        indices, shapes, recorded = maskfile.decode(data, where=where)
+        mask = cls({name: torch.from_numpy(index) for name, index in indices.items()}, shapes)
+        if recorded != mask.digest:
+            raise FormatError(f"{where}: mask content does not match its recorded digest")
+        return mask
 
     @classmethod
     def load(cls, path: PathLike) -> Mask:
@@ -218,43 +213,12 @@ class Mask:
             with open(path, "rb") as handle:
                 head = handle.read(16)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: mask file not found") from None
-        if head.startswith(_container.MASK_MAGIC):
-            return _read_mask_file(path)
+            raise MissingFileError(f"{path}: mask file not found") from None
+        if maskfile.is_mask_file(head):
+            return cls.from_file_bytes(path.read_bytes(), where=str(path))
         if not looks_like_state_file(head):
             raise FormatError(
                 f"{path}: not a mask file; expected a fishckpt mask, or a safetensors or PyTorch "
                 "file of bool or 0/1 tensors"
             )
         return cls.from_bool(load_state_file(path))
-
-
-def _read_mask_file(path: Path) -> Mask:
-    container = _container.read(path, _container.MASK_MAGIC, what="mask")
-    header = container.header
-    try:
-        table = [(str(name), tuple(int(s) for s in shape), int(count)) for name, shape, count in header["tensors"]]
-        width = int(header["gap_width"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise FormatError(f"{path}: malformed mask header: {error}") from error
-    if width not in (4, 8) or len(header["sections"]) != width:
-        raise FormatError(f"{path}: unsupported gap width {width}")
-    total = sum(count for _, _, count in table)
-    if any(count < 0 for _, _, count in table) or total > sum(math.prod(shape) for _, shape, _ in table):
-        raise FormatError(f"{path}: mask header declares more entries than its tensors hold")
-    flat = _codec.decode_positions([container.section(i) for i in range(width)], total, width)
-    indices, shapes, start, offset = {}, {}, 0, 0
-    for name, shape, count in table:
-        if name in shapes:
-            raise FormatError(f"{path}: tensor {name!r} appears twice")
-        numel = math.prod(shape)
-        local = torch.from_numpy(flat[start : start + count] - offset)
-        if count and (int(local[0]) < 0 or int(local[-1]) >= numel):
-            raise FormatError(f"{path}: indices of tensor {name!r} are out of range for shape {shape}")
-        indices[name], shapes[name] = local, shape
-        start += count
-        offset += numel
-    mask = Mask(indices, shapes)
-    if header.get("digest") != mask.digest:
-        raise FormatError(f"{path}: mask content does not match its recorded digest")
-    return mask

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._errors import FormatError, InvalidArgumentError
+from ..errors import FormatError, InvalidArgumentError
 
 _TAGS = ("$tensor", "$tuple", "$items", "$float", "$ndarray")
 
@@ -79,24 +78,3 @@ def decode_tree(value: Any, tensors: list[torch.Tensor], *, where: str) -> Any:
     if body not in ("nan", "inf", "-inf"):
         raise FormatError(f"{where}: bad float {body!r} in training state")
     return float(body)
-
-
-def capture_rng() -> dict[str, Any]:
-    """The global random states a training loop draws from: torch (CPU and CUDA), Python, numpy."""
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Puts back what ``capture_rng`` captured."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,6 +1,9 @@
-"""The exception and warning types fishckpt raises, all rooted at FishckptError."""
+"""Every exception and warning type fishckpt raises; the errors are all rooted at FishckptError."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "BaseMismatchError",
@@ -10,6 +13,7 @@ __all__ = [
     "InvalidArgumentError",
     "MaskLeakWarning",
     "MaskMismatchError",
+    "MissingFileError",
     "OutsideMaskError",
     "OutsideMaskWarning",
     "StateMismatchError",
@@ -17,6 +21,8 @@ __all__ = [
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "VerifyError",
+    "VerifyFailure",
 ]
 
 
@@ -26,6 +32,16 @@ class FishckptError(Exception):
 
 class FormatError(FishckptError):
     """A file is not in a format this version of fishckpt can read."""
+
+
+class MissingFileError(FishckptError, FileNotFoundError):
+    """A file the caller named does not exist.
+
+    It is also a FileNotFoundError, so code written against the usual Python convention still catches it.
+    """
+
+    def __str__(self) -> str:  # OSError would format its args as a tuple
+        return str(self.args[0]) if self.args else ""
 
 
 class IntegrityError(FishckptError):
@@ -48,7 +64,7 @@ class BaseMismatchError(FishckptError):
 
 
 class StateMismatchError(FishckptError):
-    """A state dict differs from the base in keys, shapes or dtypes."""
+    """A state dict does not fit: keys, shapes or dtypes differ from the base, or a value is not a dense tensor."""
 
 
 class StepNotFoundError(FishckptError, KeyError):
@@ -80,3 +96,25 @@ class OutsideMaskWarning(UserWarning):
 
 class MaskLeakWarning(UserWarning):
     """An optimizer will move weights outside the mask (weight decay, or momentum left from earlier steps)."""
+
+
+@dataclass(frozen=True)
+class VerifyFailure:
+    """One problem ``verify`` found: the file, and the tensor where known."""
+
+    file: Path | str
+    tensor: str | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = f" (tensor {self.tensor!r})" if self.tensor else ""
+        return f"{self.file}{where}: {self.problem}"
+
+
+class VerifyError(IntegrityError):
+    """Raised by ``verify``; ``failures`` lists every problem found."""
+
+    def __init__(self, failures: list[VerifyFailure]) -> None:
+        self.failures = failures
+        lines = "\n".join(f"  {failure}" for failure in failures)
+        super().__init__(f"{len(failures)} integrity problem(s):\n{lines}")

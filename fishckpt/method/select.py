@@ -9,9 +9,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._dtypes import word_view
-from ._errors import InvalidArgumentError, StateMismatchError
-from ._mask import Mask
+from ..errors import InvalidArgumentError, StateMismatchError
+from ..format.bits import word_view
+from ..mask import Mask
 
 __all__ = ["bitfit_mask", "diff_mask", "fish_mask", "random_mask"]
 

@@ -4,7 +4,7 @@ A state changed nothing outside the mask exactly when, for every hashing chunk,
 the chunk with its masked entries reset to the base's values has the base
 chunk's digest (docs/exactness.md). The same pass gathers the masked values.
 
-The C extension ``fishckpt._native`` runs this loop over a CPU tensor's own
+The C extension ``fishckpt.store._native`` runs this loop over a CPU tensor's own
 memory with the GIL released, so two tensors scan at once. Where it was not
 built (no compiler at install time) or the tensor is on another device, the
 loop below does the same with torch ops and a scratch buffer. Both give the
@@ -18,9 +18,10 @@ from types import ModuleType
 
 import torch
 
-from ._basefile import TensorEntry, chunk_elements, chunk_ranges, digest_of
-from ._dtypes import bytes_as_elements, element_words
-from ._files import byte_view
+from ..format.bits import byte_view, bytes_as_elements, element_words
+from ..format.digests import chunk_elements, chunk_ranges
+from ..format.digests import of_tensor_bytes as digest_of
+from ..format.manifest import TensorEntry
 
 _native: ModuleType | None
 try:
@@ -91,7 +92,7 @@ def reset_chunk(
     chunk.copy_(source)
     low, high = plan.chunk_bounds[number], plan.chunk_bounds[number + 1]
     if low != high:
-        words = bytes_as_elements(chunk, entry.dtype)
+        words = bytes_as_elements(chunk, entry.dtype.itemsize)
         local = plan.local_index[low:high]
         if values is not None:
             torch.index_select(words, 0, local, out=values[low:high])
@@ -121,7 +122,7 @@ def scan(
         )
         return values, differing
     if scratch is None:
-        raise ValueError(f"tensor {entry.name!r}: the torch scan needs a scratch buffer")
+        raise ValueError(f"tensor {entry.name!r}: the torch scan needs a scratch buffer")  # a bug, not user input
     on_cpu = tensor.device.type == "cpu"
     itemsize = entry.dtype.itemsize
     differing = []

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fishckpt import Mask
-
-_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from .format.bits import differs as words_differ
+from .format.bits import element_words
+from .mask import Mask
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,40 @@ class StateDiff:
         """Tensors with at least one changed entry, most changes first."""
         return sorted((t for t in self.compared if t.changed), key=lambda t: (-t.changed, t.name))
 
+    @property
+    def entries_changed(self) -> int:
+        return sum(t.changed for t in self.compared)
 
-def diff_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], mask: Mask) -> StateDiff:
-    """Compares every tensor A and B share; ``mask`` decides which changes are outside it.
+    @property
+    def outside_mask(self) -> int:
+        """Changed entries outside the mask, over every tensor compared."""
+        return sum(t.outside_mask for t in self.compared)
+
+    @property
+    def max_abs_delta(self) -> float:
+        """The largest |Δ| over the float tensors compared (0.0 if none changed)."""
+        return max((t.max_abs_delta for t in self.compared if t.max_abs_delta is not None), default=0.0)
+
+    @property
+    def l2(self) -> float:
+        """The L2 norm of Δ over every float tensor compared."""
+        return math.sqrt(sum(t.l2**2 for t in self.compared if t.l2 is not None and t.max_abs_delta is not None))
+
+
+__all__ = ["StateDiff", "TensorDiff", "diff_states", "diff_tensor"]
+
+
+def diff_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], mask: Mask | None = None) -> StateDiff:
+    """Compares every tensor A and B share, by bit patterns; ``mask`` decides which changes are outside it.
+
+    Without a mask, every change counts as outside it.
 
     Example:
-        >>> diff_states({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, 1.0])}, mask).compared[0].changed
+        >>> diff_states({"w": torch.zeros(2)}, {"w": torch.tensor([0.0, 1.0])}).compared[0].changed
         1
     """
     compared, mismatched = [], []
-    covered = set(mask.names)
+    covered = set(mask.names) if mask is not None else set()
     for name, before in a.items():
         after = b.get(name)
         if after is None:
@@ -65,7 +89,7 @@ def diff_states(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ma
         if before.dtype != after.dtype or before.shape != after.shape:
             mismatched.append((name, _describe(before), _describe(after)))
             continue
-        compared.append(diff_tensor(name, before, after, mask[name] if name in covered else None))
+        compared.append(diff_tensor(name, before, after, mask[name] if mask is not None and name in covered else None))
     return StateDiff(
         compared=compared,
         only_in_a=[name for name in a if name not in b],
@@ -81,9 +105,7 @@ def diff_tensor(name: str, before: torch.Tensor, after: torch.Tensor, mask_index
     """
     before = before.detach().cpu().contiguous()
     after = after.detach().cpu().contiguous()
-    differs = _bits(before) != _bits(after)
-    if differs.dim() == 2:  # 16-byte elements are two words
-        differs = differs.any(dim=1)
+    differs = words_differ(element_words(before), element_words(after))
     changed = int(differs.sum())
     inside = int(differs[mask_index].sum()) if mask_index is not None and mask_index.numel() else 0
     max_abs, l2 = _distances(before, after, differs) if changed else (0.0, 0.0)
@@ -101,16 +123,6 @@ def _distances(before: torch.Tensor, after: torch.Tensor, differs: torch.Tensor)
         return None, None
     delta = (new - old).abs().nan_to_num(nan=math.inf)
     return float(delta.max()), float(delta.square().sum().sqrt())
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.reshape(-1)
-    if flat.dtype == torch.bool:
-        return flat.view(torch.uint8)
-    size = flat.element_size()
-    if size > 8:
-        return flat.view(torch.int64).reshape(-1, size // 8)
-    return flat.view(_WORD[size])
 
 
 def _describe(tensor: torch.Tensor) -> str:

@@ -1,45 +1,25 @@
-"""The checksummed container shared by mask and checkpoint files (docs/format.md, "Container")."""
+"""The checksummed container of format v1's mask and checkpoint files (docs/format.md, "Container")."""
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
-import zstandard
-
-from ._errors import FormatError, IntegrityError
+from ..errors import FormatError, IntegrityError
+from . import digests
+from .codec import Section, decompress
 
 FORMAT_VERSION = 1
 MASK_MAGIC = b"FISHMASK"
 CHECKPOINT_MAGIC = b"FISHCKPT"
 _PREFIX = struct.Struct("<8sII")  # magic, format_version, header length
-_TRAILER_BYTES = 16  # xxh3-128 of every byte before the trailer
-
-
-@dataclass(frozen=True)
-class Section:
-    """One stored byte string: its codec, stored bytes and decoded length."""
-
-    codec: str  # "raw" or "zstd"
-    raw_length: int
-    payload: bytes
-
-
-def compress(data: bytes | memoryview, *, level: int = 1) -> Section:
-    """zstd-compresses ``data``, keeping it raw when compression does not pay."""
-    raw_length = len(data)
-    packed = zstandard.ZstdCompressor(level=level).compress(data)
-    if len(packed) >= raw_length:
-        return Section("raw", raw_length, bytes(data))
-    return Section("zstd", raw_length, packed)
+_TRAILER_BYTES = digests.DIGEST_BYTES  # xxh3-128 of every byte before the trailer
 
 
 def pack(magic: bytes, header: dict[str, Any], sections: list[Section]) -> list[bytes]:
-    """Lays out a container as byte pieces ready for ``atomic_write``.
+    """Lays out a container as byte pieces ready for an atomic write.
 
     The header gets a ``sections`` table ``[[codec, stored_length, raw_length], ...]``;
     payloads follow the header in that order, and the trailer digest covers all of it.
@@ -48,17 +28,14 @@ def pack(magic: bytes, header: dict[str, Any], sections: list[Section]) -> list[
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     pieces = [_PREFIX.pack(magic, FORMAT_VERSION, len(header_bytes)), header_bytes]
     pieces.extend(s.payload for s in sections)
-    hasher = xxhash.xxh3_128()
-    for piece in pieces:
-        hasher.update(piece)
-    pieces.append(hasher.digest())
+    pieces.append(digests.of_pieces(pieces))
     return pieces
 
 
 class Container:
     """A container file read into memory, checksum verified, sections decoded on demand."""
 
-    def __init__(self, path: Path, data: bytes, header: dict[str, Any], offsets: list[int]) -> None:
+    def __init__(self, path: Path | str, data: bytes, header: dict[str, Any], offsets: list[int]) -> None:
         self.path = path
         self.header = header
         self._data = data
@@ -68,6 +45,11 @@ class Container:
     def stored_bytes(self) -> int:
         return len(self._data)
 
+    @property
+    def stored_lengths(self) -> list[int]:
+        """Stored bytes of each section, in order."""
+        return [int(entry[1]) for entry in self.header["sections"]]
+
     def section(self, index: int) -> bytes:
         """Decodes section ``index``; its size is bounded by what the header declares."""
         table = self.header["sections"]
@@ -75,29 +57,15 @@ class Container:
             raise FormatError(f"{self.path}: section {index} does not exist ({len(table)} sections)")
         codec, _stored, raw_length = table[index]
         payload = self._data[self._offsets[index] : self._offsets[index + 1]]
-        if codec == "raw":
-            if len(payload) != raw_length:
-                raise FormatError(f"{self.path}: raw section {index} has {len(payload)} bytes, not {raw_length}")
-            return payload
-        if codec != "zstd":
-            raise FormatError(f"{self.path}: section {index} has unknown codec {codec!r}")
-        declared = zstandard.frame_content_size(payload)
-        if declared != raw_length:
-            raise FormatError(f"{self.path}: section {index} declares {declared} bytes, header says {raw_length}")
-        try:
-            out = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw_length, allow_extra_data=False)
-        except zstandard.ZstdError as error:
-            raise IntegrityError(f"{self.path}: section {index} does not decompress: {error}") from error
-        if len(out) != raw_length:
-            raise IntegrityError(f"{self.path}: section {index} decoded to {len(out)} bytes, expected {raw_length}")
-        return out
+        return decompress(codec, payload, raw_length, where=f"{self.path}: section {index}")
 
 
-def read(path: Path, magic: bytes, *, what: str) -> Container:
-    """Reads and verifies a container file.
+def parse(path: Path | str, data: bytes, magic: bytes, *, what: str) -> Container:
+    """Verifies and parses the bytes of a container file.
 
     Args:
-        path: The file.
+        path: Names the file in errors.
+        data: The whole file.
         magic: The 8 magic bytes this kind of file must start with.
         what: A short name of the file kind for messages ("checkpoint", "mask").
 
@@ -105,11 +73,10 @@ def read(path: Path, magic: bytes, *, what: str) -> Container:
         IntegrityError: The checksum does not match (corruption or truncation).
         FormatError: The file is intact but of another kind or a newer version.
     """
-    data = path.read_bytes()
     if len(data) < _PREFIX.size + _TRAILER_BYTES:
         raise IntegrityError(f"{path}: {what} file is truncated ({len(data)} bytes)")
     body, trailer = data[:-_TRAILER_BYTES], data[-_TRAILER_BYTES:]
-    if xxhash.xxh3_128_digest(body) != trailer:
+    if digests.of_bytes(body) != trailer:
         raise IntegrityError(
             f"{path}: {what} file is corrupted or truncated (checksum mismatch); restore it from a copy, or delete it"
         )

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._errors import InvalidArgumentError, MaskLeakWarning, MaskMismatchError
-from ._mask import Mask
+from ..errors import InvalidArgumentError, MaskLeakWarning, MaskMismatchError
+from ..mask import Mask
 
 __all__ = ["GradientMask", "SparseAdamW", "mask_gradients"]
 

@@ -1,0 +1,83 @@
+"""The compact mask file (docs/format.md, "Mask file"): sorted positions of every tensor as gaps in byte planes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import FormatError
+from . import codec, container
+
+Shapes = dict[str, tuple[int, ...]]
+Indices = dict[str, npt.NDArray[np.int64]]
+
+
+def encode(
+    indices: Mapping[str, npt.NDArray[np.int64]], shapes: Mapping[str, tuple[int, ...]], digest: str
+) -> list[bytes]:
+    """The mask file's bytes, as pieces, for sorted unique int64 indices per tensor (in ``shapes`` order)."""
+    all_indices = [indices[name] for name in shapes]
+    flat = np.concatenate(all_indices) if all_indices else np.zeros(0, np.int64)
+    # Gaps restart at each tensor: positions are made increasing across tensors by offsets.
+    offsets = (
+        np.repeat(
+            np.cumsum([0, *[math.prod(s) for s in shapes.values()][:-1]]).astype(np.int64),
+            [len(i) for i in all_indices],
+        )
+        if all_indices
+        else np.zeros(0, np.int64)
+    )
+    width, sections = codec.encode_positions(flat + offsets)
+    header = {
+        "kind": "mask",
+        "tensors": [[name, list(shape), int(indices[name].size)] for name, shape in shapes.items()],
+        "gap_width": width,
+        "digest": digest,
+    }
+    return container.pack(container.MASK_MAGIC, header, sections)
+
+
+def is_mask_file(head: bytes) -> bool:
+    """Whether a file's first bytes are a fishckpt mask file's."""
+    return head.startswith(container.MASK_MAGIC)
+
+
+def decode(data: bytes, *, where: str) -> tuple[Indices, Shapes, str]:
+    """Checks and decodes a mask file's bytes into (indices, shapes, recorded digest).
+
+    The caller builds the Mask and compares its digest with the recorded one.
+
+    Raises:
+        IntegrityError: The file is corrupted or truncated.
+        FormatError: The content breaks a rule of the format.
+    """
+    parsed = container.parse(where, data, container.MASK_MAGIC, what="mask")
+    header = parsed.header
+    try:
+        table = [(str(name), tuple(int(s) for s in shape), int(count)) for name, shape, count in header["tensors"]]
+        width = int(header["gap_width"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(f"{where}: malformed mask header: {error}") from error
+    if width not in (4, 8) or len(header["sections"]) != width:
+        raise FormatError(f"{where}: unsupported gap width {width}")
+    total = sum(count for _, _, count in table)
+    if any(count < 0 for _, _, count in table) or total > sum(math.prod(shape) for _, shape, _ in table):
+        raise FormatError(f"{where}: mask header declares more entries than its tensors hold")
+    flat = codec.decode_positions([parsed.section(i) for i in range(width)], total, width)
+    indices: Indices = {}
+    shapes: Shapes = {}
+    start, offset = 0, 0
+    for name, shape, count in table:
+        if name in shapes:
+            raise FormatError(f"{where}: tensor {name!r} appears twice")
+        numel = math.prod(shape)
+        local = flat[start : start + count] - offset
+        if count and (int(local[0]) < 0 or int(local[-1]) >= numel):
+            raise FormatError(f"{where}: indices of tensor {name!r} are out of range for shape {shape}")
+        indices[name], shapes[name] = local, shape
+        start += count
+        offset += numel
+    return indices, shapes, str(header.get("digest"))

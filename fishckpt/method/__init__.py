@@ -1,0 +1,1 @@
+"""The method: Fisher scores, mask selection, and training under a fixed mask."""

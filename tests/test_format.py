@@ -1,0 +1,327 @@
+"""fishckpt.format on its own: codec, sections, the safetensors layout, the v1 container and step records."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from safetensors import safe_open
+
+from fishckpt import FormatError, IntegrityError
+from fishckpt.format import codec, container, safetensors_layout, stepfile
+from fishckpt.format.bits import UINT_BY_WIDTH
+from fishckpt.format.codec import Section
+
+PROPERTY = settings(max_examples=80, deadline=None, derandomize=True)
+WIDTHS = [1, 2, 4, 8]
+
+
+def _words(width: int, max_size: int = 300) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(UINT_BY_WIDTH[width], st.integers(0, max_size))
+
+
+# Codec ------------------------------------------------------------------------------------------
+
+
+@PROPERTY
+@given(st.sampled_from(WIDTHS).flatmap(lambda w: st.tuples(_words(w, 200), _words(w, 200))))
+def test_delta_round_trips_any_bit_patterns(pair: tuple[np.ndarray, np.ndarray]) -> None:
+    new, base = pair
+    size = min(new.size, base.size)
+    new, base = new[:size], base[:size]
+    order = np.argsort(base, kind="stable")
+    for permutation in (None, order):
+        sections = codec.encode_delta(new, base, permutation)
+        planes = [codec.decompress(s.codec, s.payload, s.raw_length, where="t") for s in sections]
+        decoded = codec.decode_delta(planes, base, permutation)
+        assert decoded.dtype == new.dtype
+        assert np.array_equal(decoded, new)
+
+
+@PROPERTY
+@given(st.sampled_from(WIDTHS).flatmap(_words))
+def test_zigzag_is_a_bijection_onto_small_numbers(words: np.ndarray) -> None:
+    assert np.array_equal(codec.unzigzag(codec.zigzag(words)), words)
+    # Reference: a signed value v maps to 2v for v >= 0 and -2v - 1 below, computed in Python ints.
+    bits = 8 * words.dtype.itemsize
+    for word, coded in zip(words.tolist()[:50], codec.zigzag(words).tolist()[:50], strict=True):
+        signed = word - (1 << bits) if word >> (bits - 1) else word
+        assert coded == (2 * signed if signed >= 0 else -2 * signed - 1)
+
+
+@PROPERTY
+@given(st.lists(st.integers(0, 2**40), max_size=200, unique=True))
+def test_positions_round_trip(values: list[int]) -> None:
+    positions = np.array(sorted(values), dtype=np.int64)
+    width, sections = codec.encode_positions(positions)
+    assert width == (8 if positions.size and int(np.diff(positions, prepend=-1).max()) - 1 >= 2**32 else 4)
+    planes = [codec.decompress(s.codec, s.payload, s.raw_length, where="t") for s in sections]
+    assert np.array_equal(codec.decode_positions(planes, positions.size, width), positions)
+
+
+def test_positions_with_a_gap_of_two_to_the_32_use_width_8() -> None:
+    positions = np.array([0, 2**32 + 1, 2**32 + 2], dtype=np.int64)  # gap 2**32 between the first two
+    width, sections = codec.encode_positions(positions)
+    assert width == 8
+    assert len(sections) == 8
+    planes = [codec.decompress(s.codec, s.payload, s.raw_length, where="t") for s in sections]
+    assert codec.decode_positions(planes, 3, 8).tolist() == positions.tolist()
+    just_below = np.array([0, 2**32], dtype=np.int64)  # gap 2**32 - 1 still fits in 4 bytes
+    assert codec.encode_positions(just_below)[0] == 4
+
+
+def test_exponent_order_is_the_stable_sort_by_top_byte() -> None:
+    generator = np.random.default_rng(0)
+    # Few distinct top bytes, so there are many ties, which an unstable sort would reorder.
+    words = (generator.integers(0, 4, 5000).astype(np.uint32) << 24) | generator.integers(0, 2**24, 5000).astype(
+        np.uint32
+    )
+    words[::7] |= np.uint32(0x80000000)  # the sign bit is ignored
+    top = [(int(w) >> 24) & 0x7F for w in words]
+    reference = sorted(range(len(top)), key=top.__getitem__)  # Python's sort is stable
+    assert codec.exponent_order(words).tolist() == reference
+
+
+def test_compress_keeps_incompressible_data_raw() -> None:
+    noise = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    assert codec.compress(noise).codec == "raw"
+    assert codec.compress(bytes(4096)).codec == "zstd"
+
+
+def test_decompress_is_bounded_by_the_declared_length() -> None:
+    payload = zstandard.ZstdCompressor().compress(bytes(1000))
+    assert codec.decompress("zstd", payload, 1000, where="t") == bytes(1000)
+    with pytest.raises(FormatError, match="t: zstd frame declares 1000 bytes, the record says 999"):
+        codec.decompress("zstd", payload, 999, where="t")
+    with pytest.raises(IntegrityError, match="t: does not decompress"):
+        codec.decompress("zstd", payload + b"\x00", 1000, where="t")  # bytes after the frame
+    damaged = bytearray(payload)
+    damaged[-2] ^= 0xFF
+    with pytest.raises(IntegrityError, match="t: "):
+        codec.decompress("zstd", bytes(damaged), 1000, where="t")
+    with pytest.raises(FormatError, match="t: raw section has 3 bytes, not 4"):
+        codec.decompress("raw", b"abc", 4, where="t")
+    with pytest.raises(FormatError, match="t: unknown codec 'lz4'"):
+        codec.decompress("lz4", b"abc", 3, where="t")
+
+
+# The safetensors layout ---------------------------------------------------------------------------
+
+
+def _layout_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    names = safetensors_layout.aligned_order(tensors)
+    names_st = {torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8", torch.float16: "F16"}
+    layout = [
+        (n, names_st[tensors[n].dtype], list(tensors[n].shape), tensors[n].numel() * tensors[n].element_size())
+        for n in names
+    ]
+    data = b"".join(tensors[n].contiguous().view(torch.uint8).numpy().tobytes() for n in names)
+    return safetensors_layout.header(layout, metadata) + data
+
+
+def test_header_writes_files_safetensors_reads(tmp_path) -> None:
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.arange(3), "e": torch.zeros(0)}
+    tensors["c"] = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    data = _layout_file(tensors, {"k": "v"})
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    with safe_open(path, "pt") as opened:
+        assert opened.metadata() == {"k": "v"}
+        assert sorted(opened.keys()) == ["a", "b", "c", "e"]
+        for name, tensor in tensors.items():
+            assert torch.equal(opened.get_tensor(name), tensor)
+    parsed = safetensors_layout.parse(data, file_size=len(data), where="f")
+    assert parsed.metadata == {"k": "v"}
+    assert [t.name for t in parsed.tensors] == ["b", "a", "e", "c"]  # file order: 8-byte, then 4, then 1
+    assert parsed.data_start % 8 == 0
+    stored = parsed.by_name()["a"]
+    assert data[stored.start : stored.stop] == tensors["a"].numpy().tobytes()
+
+
+def _with_header(table: object, *, data: bytes = b"", raw: bytes | None = None) -> bytes:
+    body = raw if raw is not None else json.dumps(table).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x01\x02", "truncated"),
+        (struct.pack("<Q", 10**9) + b"{}", "declares 1000000000 header bytes"),
+        (_with_header(None, raw=b"{not json"), "not valid JSON"),
+        (_with_header(None, raw=b"\xff\xfe{}"), "not valid JSON"),
+        (_with_header([1, 2]), "not a JSON object"),
+        (_with_header({"__metadata__": {"a": 1}}), "__metadata__ must map strings to strings"),
+        (_with_header({"t": {"dtype": "F32", "shape": [1]}}, data=b"1234"), "at tensor 't'"),
+        (_with_header({"t": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, data=b"1234"), "unknown dtype"),
+        (_with_header({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, data=b"1234"), "non-negative"),
+        (_with_header({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, data=b"1234"), "but 4 bytes"),
+        (
+            _with_header(
+                {
+                    "t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                    "u": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+                },
+                data=b"123456",
+            ),
+            "overlap or hole",
+        ),
+        (_with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, data=b"12345"), "file has"),
+        (_with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}, data=b"123"), "file has"),
+    ],
+    ids=[
+        "short",
+        "huge-length",
+        "bad-json",
+        "not-utf8",
+        "not-object",
+        "bad-metadata",
+        "no-offsets",
+        "unknown-dtype",
+        "negative-shape",
+        "size-mismatch",
+        "overlap",
+        "trailing-bytes",
+        "truncated-data",
+    ],
+)
+def test_parse_refuses_every_damaged_header(data: bytes, message: str) -> None:
+    with pytest.raises(IntegrityError, match=f"^damaged.bin: .*{message}"):
+        safetensors_layout.parse(data, file_size=len(data), where="damaged.bin")
+
+
+# The v1 container ---------------------------------------------------------------------------------
+
+
+def _sections() -> list[Section]:
+    return [codec.compress(bytes(100)), codec.compress(b"xyz"), Section("raw", 0, b"")]
+
+
+def test_container_round_trip() -> None:
+    data = b"".join(container.pack(container.CHECKPOINT_MAGIC, {"kind": "checkpoint", "x": [1, 2]}, _sections()))
+    parsed = container.parse("c", data, container.CHECKPOINT_MAGIC, what="checkpoint")
+    assert parsed.header["x"] == [1, 2]
+    assert [parsed.section(i) for i in range(3)] == [bytes(100), b"xyz", b""]
+    assert parsed.stored_bytes == len(data)
+
+
+def _v1(magic: bytes, version: int, header: bytes, body: bytes = b"", *, length: int | None = None) -> bytes:
+    """A container with a valid trailer over whatever content is given: only the checks behind it can object."""
+    prefix = struct.pack("<8sII", magic, version, len(header) if length is None else length)
+    content = prefix + header + body
+    return content + xxhash.xxh3_128_digest(content)
+
+
+def _header(sections: list[list[object]], **extra: object) -> bytes:
+    return json.dumps({"kind": "checkpoint", "sections": sections, **extra}).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (_v1(b"FISHMASK", 1, _header([])), FormatError, "not a fishckpt checkpoint file"),
+        (_v1(b"FISHCKPT", 2, _header([])), FormatError, "format_version 2"),
+        (_v1(b"FISHCKPT", 1, _header([]), length=999), FormatError, "runs past the end"),
+        (_v1(b"FISHCKPT", 1, b"{oops"), FormatError, "not valid JSON"),
+        (_v1(b"FISHCKPT", 1, b"[1]"), FormatError, "no sections table"),
+        (_v1(b"FISHCKPT", 1, b'{"sections": 3}'), FormatError, "no sections table"),
+        (_v1(b"FISHCKPT", 1, _header([["raw", 1]]), b"a"), FormatError, "malformed section entry"),
+        (_v1(b"FISHCKPT", 1, _header([["raw", -1, 1]]), b"a"), FormatError, "malformed section entry"),
+        (_v1(b"FISHCKPT", 1, _header([["raw", 2, 2]]), b"a"), FormatError, "sections cover"),
+        (_v1(b"FISHCKPT", 1, _header([["raw", 1, 1]]), b"ab"), FormatError, "sections cover"),
+    ],
+    ids=["magic", "version", "header-length", "json", "not-object", "sections-not-list", "entry-short",
+         "entry-negative", "short-body", "trailing-body"],
+)  # fmt: skip
+def test_container_checks_behind_a_valid_checksum(data: bytes, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        container.parse("c.fishckpt", data, container.CHECKPOINT_MAGIC, what="checkpoint")
+
+
+def test_container_section_checks_behind_a_valid_checksum() -> None:
+    frame = zstandard.ZstdCompressor().compress(bytes(10))
+    header = _header([["zstd", len(frame), 10], ["raw", 2, 3], ["gzip", 1, 1], ["zstd", len(frame), 9]])
+    parsed = container.parse("c", _v1(b"FISHCKPT", 1, header, frame + b"ab" + b"z" + frame), b"FISHCKPT", what="c")
+    assert parsed.section(0) == bytes(10)
+    with pytest.raises(FormatError, match="section 1: raw section has 2 bytes, not 3"):
+        parsed.section(1)
+    with pytest.raises(FormatError, match="section 2: unknown codec 'gzip'"):
+        parsed.section(2)
+    with pytest.raises(FormatError, match="section 3: zstd frame declares 10 bytes, the record says 9"):
+        parsed.section(3)
+    with pytest.raises(FormatError, match="section 4 does not exist"):
+        parsed.section(4)
+    with pytest.raises(FormatError, match="section -1 does not exist"):
+        parsed.section(-1)
+
+
+def test_container_detects_every_flipped_byte_and_truncation() -> None:
+    data = b"".join(container.pack(container.MASK_MAGIC, {"kind": "mask"}, _sections()))
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x10
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            container.parse("m", bytes(damaged), container.MASK_MAGIC, what="mask")
+    for size in (0, 10, len(data) - 1):
+        with pytest.raises(IntegrityError):
+            container.parse("m", data[:size], container.MASK_MAGIC, what="mask")
+
+
+# Step records -------------------------------------------------------------------------------------
+
+
+def test_step_record_round_trips_through_its_header() -> None:
+    record = stepfile.StepRecord(
+        step=7,
+        created=1.5,
+        base_digest="b" * 32,
+        mask_digest="m" * 32,
+        k=3,
+        values=[stepfile.ValueStream(4, 3, 0)],
+        outside=[stepfile.OutsideRecord("w", "sparse", 2, 4, 4, 8)],
+        digests={"w": "d" * 32},
+        metadata={"loss": 0.5},
+        training=stepfile.TrainingRecord(
+            {"optimizer": {"$tensor": 0}}, [stepfile.TrainingTensor("float32", (3,), 12, 4)]
+        ),
+    )
+    sections = [Section("raw", 1, b"x")] * 16
+    data = b"".join(stepfile.pack(record, sections))
+    parsed, _ = stepfile.parse(data, where="s")
+    assert parsed.section_lengths == [1] * 16
+    assert parsed.training_bytes == 4
+    parsed.section_lengths = []
+    assert parsed == record
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"kind": "mask"}, {"step": "7"}, {"values": [[4, 3]]}, {"outside_mask": [["w", "sparse", 2]]}, {"digests": []},
+     {"k": True}, {"metadata": [1]}, {"training": {"tree": {}}}],
+    ids=["kind", "step", "values", "outside", "digests", "k-bool", "metadata", "training"],
+)  # fmt: skip
+def test_step_record_refuses_malformed_headers(change: dict[str, object]) -> None:
+    header = {
+        "kind": "checkpoint",
+        "step": 7,
+        "created": 1.0,
+        "base_digest": "b",
+        "mask_digest": "m",
+        "k": 3,
+        "values": [],
+        "outside_mask": [],
+        "digests": {},
+        "metadata": {},
+        "sections": [],
+        **change,
+    }
+    with pytest.raises(FormatError, match="^s: "):
+        stepfile.StepRecord.from_header(header, where="s")
