@@ -15,7 +15,7 @@ create never clobbers a racing writer) and a *writer lock*.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
@@ -68,10 +68,16 @@ class Storage(abc.ABC):
         """Bytes ``[start, stop)`` of the object (fewer where it is shorter)."""
 
     @abc.abstractmethod
-    def map(self, name: str) -> memoryview:
+    def map(
+        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+    ) -> memoryview:
         """The object's bytes as a writable buffer, copy-on-write: writes never reach the stored object.
 
-        A local file is memory-mapped, so nothing is read until used.
+        A local file is memory-mapped, so nothing is read until used. A remote backend
+        downloads the object once per machine into a local cache under ``cache_key`` (a
+        digest of the content: the same key always means the same bytes), calls ``verify``
+        on a fresh download before keeping it (``verify`` raises to refuse it, and nothing
+        is kept), and maps the cached file. Local backends ignore both arguments.
         """
 
     @abc.abstractmethod

@@ -9,7 +9,7 @@ import mmap
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -136,7 +136,9 @@ class LocalStorage(Storage):
             handle.seek(start)
             return handle.read(max(0, stop - start))
 
-    def map(self, name: str) -> memoryview:
+    def map(
+        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+    ) -> memoryview:
         with open(self.root / name, "rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:
                 return memoryview(bytearray())  # mmap cannot map an empty file

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import StoreLockedError
 from .base import ObjectInfo, Pieces, RootState, Storage
@@ -40,7 +40,9 @@ class MemoryStorage(Storage):
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         return self._get(name)[start:stop]
 
-    def map(self, name: str) -> memoryview:
+    def map(
+        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+    ) -> memoryview:
         return memoryview(bytearray(self._get(name)))
 
     def stat(self, name: str) -> ObjectInfo | None:

@@ -59,11 +59,19 @@ class StoreLayout:
         """The base tensors, mapped from the base file (copy-on-write; nothing is read until used)."""
         if self._base is None:
             try:
-                buffer = self.storage.map(BASE_NAME)
+                buffer = self.storage.map(BASE_NAME, cache_key=self.manifest.base_digest, verify=self._verify_whole)
             except FileNotFoundError:
                 raise IntegrityError(f"{self.base_where}: the store's base file is missing") from None
             self._base = open_base(buffer, self.manifest.entries, where=self.base_where)
         return self._base
+
+    def _verify_whole(self, buffer: memoryview) -> None:
+        """Checks every chunk of a freshly downloaded base before a remote backend caches it."""
+        tensors = open_base(buffer, self.manifest.entries, where=self.base_where)
+        for entry in self.owners:
+            failed = self.check_base_chunks(entry, byte_view(tensors[entry.name]))
+            if failed is not None:
+                raise self.base_chunk_error(entry, failed)
 
     def plans(self) -> dict[str, MaskPlan]:
         """Per stored tensor: its mask indices, chunk bounds and the base's words there."""
