@@ -21,7 +21,7 @@ from _common import best_of, fsync_file, interleaved, mib, table
 
 import fishckpt
 from fishckpt import CheckpointStore, Mask
-from fishckpt.store import scan as _scan
+from fishckpt.store import native as _scan
 
 
 def synthetic_model(hidden: int, layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -113,7 +113,7 @@ def _timed_rows(
         fsync_file(path_c)
 
     def save_d_torch(_: int) -> None:  # the exact save where the C extension is not built
-        with mock.patch.object(_scan, "_native", None):
+        with mock.patch.object(_scan, "module", None):
             store.save(tuned, 1, overwrite=True)
 
     saves: dict[str, Callable[[int], object]] = {
@@ -123,7 +123,7 @@ def _timed_rows(
         "d": lambda _: store.save(tuned, 1, overwrite=True),
         "dfast": lambda _: store.save(tuned, 2, overwrite=True, check_outside_mask=False),
     }
-    if _scan.native_available():
+    if _scan.available():
         saves["dtorch"] = save_d_torch
     saved = interleaved(repeats, saves)
 
@@ -224,7 +224,7 @@ def run(report: Callable[[str], None], *, hidden: int = 1664, layers: int = 12, 
     mask = random_mask(base, 0.005, seed=1)
     tuned = random_walk(base, mask, steps=30, lr=1e-4, seed=2)
     other = random_walk(base, mask, steps=30, lr=1e-4, seed=3)
-    scan = "C extension" if _scan.native_available() else "pure Python (the C extension was not built)"
+    scan = "C extension" if _scan.available() else "pure Python (the C extension was not built)"
     report(f"\nExact-check scan in use: {scan}")
     report(
         f"\n### Synthetic model: {numel / 1e6:.1f}M fp32 parameters in {len(base)} tensors "

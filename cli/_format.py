@@ -53,6 +53,17 @@ def json_number(value: float) -> float | str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (also inside dicts and lists) made a string, as ``json_number`` does."""
+    if isinstance(value, float):
+        return json_number(value)
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def echo_json(document: dict[str, Any]) -> None:
     # allow_nan=False: a stray NaN must fail here rather than produce invalid JSON for the reader.
     click.echo(json.dumps(document, indent=2, allow_nan=False))

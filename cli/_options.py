@@ -10,9 +10,34 @@ from pathlib import Path
 import click
 
 PATH = click.Path(path_type=Path)
-STEP = click.IntRange(min=0)
+DEFAULT_WAIT = 30.0  # seconds; the library's own default lock_timeout
+
+
+class StepNumber(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 on
+    """A step: ASCII digits only (Python's int() would take full-width digits, and " 12", too)."""
+
+    name = "step"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        text = str(value)
+        if not text or not text.isascii() or not text.isdigit():
+            self.fail(f"{text!r} is not a step number (a non-negative integer in ASCII digits)", param, ctx)
+        return int(text)
+
+
+STEP = StepNumber()
 
 store_argument = click.argument("store_path", metavar="STORE", type=PATH)
+wait_option = click.option(
+    "--wait",
+    "wait",
+    type=click.FloatRange(min=0.0),
+    default=DEFAULT_WAIT,
+    show_default=True,
+    help="Seconds to wait for another writer's lock on the store before giving up.",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (schema: docs/cli.md).")
 force_option = click.option("--force", is_flag=True, help="Replace the output if it exists.")
 

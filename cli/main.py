@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import warnings
 from typing import Any
 
 import click
@@ -67,6 +68,7 @@ for command in (
     store.init,
     store.save,
     store.restore,
+    store.upgrade,
     steps.ls,
     steps.rm,
     steps.prune,
@@ -79,4 +81,6 @@ for command in (
 
 
 def main() -> None:
+    # torch warns on every complex32 tensor it makes; a store holding one would print it on each command.
+    warnings.filterwarnings("ignore", message="ComplexHalf support is experimental", category=UserWarning)
     cli(prog_name="fishckpt")

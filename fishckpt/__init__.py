@@ -1,39 +1,55 @@
-"""fishckpt: train with fixed sparse masks and checkpoint only the masked values."""
+"""fishckpt: train with fixed sparse masks and checkpoint only the masked values.
 
-from .diff import StateDiff, TensorDiff, diff_states
-from .errors import (
-    BaseMismatchError,
-    FishckptError,
-    FormatError,
-    IntegrityError,
-    InvalidArgumentError,
-    MaskLeakWarning,
-    MaskMismatchError,
-    MissingFileError,
-    OutsideMaskError,
-    OutsideMaskWarning,
-    StateMismatchError,
-    StepExistsError,
-    StepNotFoundError,
-    StoreExistsError,
-    StoreLockedError,
-    VerifyError,
-    VerifyFailure,
-)
-from .mask import Mask
-from .method.fisher import fisher_scores
-from .method.optim import GradientMask, SparseAdamW, mask_gradients
-from .method.select import bitfit_mask, diff_mask, fish_mask, random_mask
-from .statefiles import STATE_FORMATS, load_state_file, save_state_file
-from .store.records import CheckpointInfo, OutsideMaskTotal, SaveInfo, StoreReport
-from .store.scan import native_available as native_scan_available
-from .store.store import CheckpointStore
+Names are imported on first use (PEP 562), so ``import fishckpt`` costs nothing,
+and reading a store's headers (``fishckpt.Catalog``, ``fishckpt ls``) never imports torch.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+# Every public name, and the module that defines it.
+_EXPORTS = {
+    "fishckpt.errors": [
+        "BaseMismatchError",
+        "FishckptError",
+        "FormatError",
+        "IntegrityError",
+        "InvalidArgumentError",
+        "MaskLeakWarning",
+        "MaskMismatchError",
+        "MissingFileError",
+        "OutsideMaskError",
+        "OutsideMaskWarning",
+        "StateMismatchError",
+        "StepExistsError",
+        "StepNotFoundError",
+        "StoreExistsError",
+        "StoreLockedError",
+        "StoreReplacedError",
+        "VerifyError",
+        "VerifyFailure",
+    ],
+    "fishckpt.diff": ["StateDiff", "TensorDiff", "diff_states"],
+    "fishckpt.mask": ["Mask"],
+    "fishckpt.method.fisher": ["fisher_scores"],
+    "fishckpt.method.optim": ["GradientMask", "SparseAdamW", "mask_gradients"],
+    "fishckpt.method.select": ["bitfit_mask", "diff_mask", "fish_mask", "random_mask"],
+    "fishckpt.statefiles": ["STATE_FORMATS", "load_state_file", "save_state_file"],
+    "fishckpt.store.catalog": ["Catalog"],
+    "fishckpt.store.records": ["CheckpointInfo", "OutsideMaskTotal", "SaveInfo", "StoreReport", "VerifyReport"],
+    "fishckpt.store.native": ["native_scan_available"],
+    "fishckpt.store.store": ["CheckpointStore", "PendingSave"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "STATE_FORMATS",
     "BaseMismatchError",
+    "Catalog",
     "CheckpointInfo",
     "CheckpointStore",
     "FishckptError",
@@ -48,6 +64,7 @@ __all__ = [
     "OutsideMaskError",
     "OutsideMaskTotal",
     "OutsideMaskWarning",
+    "PendingSave",
     "SaveInfo",
     "SparseAdamW",
     "StateDiff",
@@ -56,10 +73,12 @@ __all__ = [
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "StoreReplacedError",
     "StoreReport",
     "TensorDiff",
     "VerifyError",
     "VerifyFailure",
+    "VerifyReport",
     "__version__",
     "bitfit_mask",
     "diff_mask",
@@ -72,3 +91,49 @@ __all__ = [
     "random_mask",
     "save_state_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fishckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name if name != "native_scan_available" else "available")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported eagerly
+    from .diff import StateDiff, TensorDiff, diff_states
+    from .errors import (
+        BaseMismatchError,
+        FishckptError,
+        FormatError,
+        IntegrityError,
+        InvalidArgumentError,
+        MaskLeakWarning,
+        MaskMismatchError,
+        MissingFileError,
+        OutsideMaskError,
+        OutsideMaskWarning,
+        StateMismatchError,
+        StepExistsError,
+        StepNotFoundError,
+        StoreExistsError,
+        StoreLockedError,
+        StoreReplacedError,
+        VerifyError,
+        VerifyFailure,
+    )
+    from .mask import Mask
+    from .method.fisher import fisher_scores
+    from .method.optim import GradientMask, SparseAdamW, mask_gradients
+    from .method.select import bitfit_mask, diff_mask, fish_mask, random_mask
+    from .statefiles import STATE_FORMATS, load_state_file, save_state_file
+    from .store.catalog import Catalog
+    from .store.native import available as native_scan_available
+    from .store.records import CheckpointInfo, OutsideMaskTotal, SaveInfo, StoreReport, VerifyReport
+    from .store.store import CheckpointStore, PendingSave

@@ -21,6 +21,7 @@ __all__ = [
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "StoreReplacedError",
     "VerifyError",
     "VerifyFailure",
 ]
@@ -83,7 +84,11 @@ class StoreExistsError(FishckptError):
 
 
 class StoreLockedError(FishckptError):
-    """Another process holds the store's write lock."""
+    """Another process held the store's write lock for longer than the wait allowed."""
+
+
+class StoreReplacedError(BaseMismatchError):
+    """The store at a path was replaced (or removed) since this store object opened it; nothing was written."""
 
 
 class OutsideMaskError(FishckptError):
@@ -112,9 +117,10 @@ class VerifyFailure:
 
 
 class VerifyError(IntegrityError):
-    """Raised by ``verify``; ``failures`` lists every problem found."""
+    """Raised by ``verify``; ``failures`` lists every problem found, ``report`` what was checked."""
 
-    def __init__(self, failures: list[VerifyFailure]) -> None:
+    def __init__(self, failures: list[VerifyFailure], report: object = None) -> None:
         self.failures = failures
+        self.report = report
         lines = "\n".join(f"  {failure}" for failure in failures)
         super().__init__(f"{len(failures)} integrity problem(s):\n{lines}")

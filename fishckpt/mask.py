@@ -29,7 +29,7 @@ class Mask:
         (2, 4, [0, 3])
     """
 
-    __slots__ = ("_digest", "_indices", "_shapes")
+    __slots__ = ("_digest", "_indices", "_k", "_numel", "_shapes")
 
     def __init__(self, indices: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]]) -> None:
         """Builds a mask from already sorted, unique int64 indices; prefer the ``from_*`` constructors."""
@@ -58,6 +58,8 @@ class Mask:
             self._shapes[name] = shape_t
             self._indices[name] = index
         self._digest: str | None = None
+        self._k = sum(index.numel() for index in self._indices.values())
+        self._numel = sum(math.prod(shape) for shape in self._shapes.values())
 
     # Construction ---------------------------------------------------------------------------
 
@@ -107,12 +109,12 @@ class Mask:
     @property
     def k(self) -> int:
         """The number of trainable entries."""
-        return sum(index.numel() for index in self._indices.values())
+        return self._k
 
     @property
     def numel(self) -> int:
         """The number of entries in all covered tensors."""
-        return sum(math.prod(shape) for shape in self._shapes.values())
+        return self._numel
 
     @property
     def density(self) -> float:
@@ -211,7 +213,7 @@ class Mask:
         path = Path(path)
         try:
             with open(path, "rb") as handle:
-                head = handle.read(16)
+                head = handle.read(8 + 4096)
         except FileNotFoundError:
             raise MissingFileError(f"{path}: mask file not found") from None
         if maskfile.is_mask_file(head):

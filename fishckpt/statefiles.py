@@ -7,14 +7,15 @@ import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import FormatError, InvalidArgumentError, MissingFileError
 from .format import safetensors_layout
-from .format.bits import byte_view
-from .format.dtypes import SAFETENSORS_DTYPE
+from .format.dtypes import safetensors_name
 from .storage.local import atomic_write, atomic_writer
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so the CLI can start without it
+    import torch
 
 PathLike = str | Path
 STATE_FORMATS = ("safetensors", "pt")
@@ -71,6 +72,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         # A file handle, not the path: torch.load guesses the format from a path's suffix,
         # and the content has already told us.
@@ -109,6 +112,10 @@ def save_state_file(
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         FormatError: A dtype safetensors cannot hold (use ``pt`` instead).
     """
+    import torch
+
+    from .format.bits import byte_view
+
     path = Path(path)
     if file_format == "pt":
         with atomic_writer(path, overwrite=overwrite) as handle:
@@ -116,15 +123,22 @@ def save_state_file(
             return handle.tell()
     if file_format != "safetensors":
         raise InvalidArgumentError(f"unknown format {file_format!r}; expected one of {STATE_FORMATS}")
+    bad = [name for name in state if not isinstance(name, str) or name == "__metadata__"]
+    if bad:
+        raise FormatError(
+            f"{path}: key(s) {bad[:5]!r} cannot be stored in a safetensors file (keys must be strings other than "
+            "`__metadata__`); rename them, or write a PyTorch file (format 'pt')"
+        )
     for name, tensor in state.items():
-        if tensor.dtype not in SAFETENSORS_DTYPE:
+        if safetensors_name(tensor.dtype) is None:
             raise FormatError(
                 f"{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold; "
                 "write a PyTorch file instead (format 'pt')"
             )
     names = safetensors_layout.aligned_order(state)
     layout = [
-        (name, SAFETENSORS_DTYPE[state[name].dtype], list(state[name].shape), _nbytes(state[name])) for name in names
+        (name, str(safetensors_name(state[name].dtype)), list(state[name].shape), _nbytes(state[name]))
+        for name in names
     ]
 
     def pieces() -> Iterator[bytes | memoryview]:

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from fishckpt import Mask
 from fishckpt.format.bits import element_words
-from fishckpt.format.dtypes import BY_NAME
+from fishckpt.format.dtypes import supported_torch_dtypes
 
-DTYPES = [row.torch_dtype for row in BY_NAME.values()]
+DTYPES = supported_torch_dtypes()
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fishckpt.format.bits import word_view
-from fishckpt.store import scan as _scan
+from fishckpt.store import native as _scan
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -29,10 +29,10 @@ def assert_state_bits_equal(actual: dict[str, torch.Tensor], expected: dict[str,
 @pytest.fixture(params=["native", "torch"])
 def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with the C scan of the exact check, then with the torch fallback used where it is not built."""
-    if request.param == "native" and not _scan.native_available():
+    if request.param == "native" and not _scan.available():
         pytest.skip("the C extension was not built")
     if request.param == "torch":
-        monkeypatch.setattr(_scan, "_native", None)
+        monkeypatch.setattr(_scan, "module", None)
     return str(request.param)
 
 

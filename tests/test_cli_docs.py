@@ -40,7 +40,7 @@ def test_the_commands_are_all_there() -> None:
     assert [path for path, _ in COMMANDS] == [
         "fishckpt diff", "fishckpt init", "fishckpt ls", "fishckpt mask", "fishckpt mask diff",
         "fishckpt mask info", "fishckpt mask random", "fishckpt prune", "fishckpt report",
-        "fishckpt restore", "fishckpt rm", "fishckpt save", "fishckpt verify",
+        "fishckpt restore", "fishckpt rm", "fishckpt save", "fishckpt upgrade", "fishckpt verify",
     ]  # fmt: skip
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_ls_lists_steps(files: Files) -> None:
     result = run("ls", store)
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0] == "STEP  TIME (UTC)            BYTES  RATIO  OUTSIDE MASK  MESSAGE"
+    assert lines[0].split() == ["STEP", "TIME", "(UTC)", "BYTES", "RATIO", "OUTSIDE", "MASK", "MESSAGE"]
     assert [line.split()[0] for line in lines[1:]] == ["1", "3"]
     assert lines[2].endswith("  1  step 3")
     assert result.stderr == ""  # no progress bar off a terminal
@@ -53,11 +54,11 @@ def test_ls_json(files: Files) -> None:
 def test_ls_empty_and_corrupted_stores(files: Files) -> None:
     store = make_store(files)
     assert run("ls", store).stdout == f"{store}: no checkpoints saved yet (add one with `fishckpt save`).\n"
-    manifest = store / "fishckpt.json"
-    manifest.write_text(manifest.read_text().replace('"chunk_bytes": ', '"chunk_bytes": 1'))
+    manifest = store / "manifest.safetensors"
+    manifest.write_bytes(manifest.read_bytes().replace(b"chunk_bytes", b"chunk_bytez"))
     result = run("ls", store)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: {manifest}: store manifest is corrupted (checksum mismatch)\n"
+    assert result.stderr.startswith(f"Error: {manifest}: manifest file is corrupted or truncated (header checksum")
 
 
 # diff ---------------------------------------------------------------------------------------------
@@ -149,7 +150,9 @@ def test_verify_ok(files: Files) -> None:
         "store": str(store),
         "ok": True,
         "base_checked": True,
+        "base_ok": True,
         "steps_checked": [1, 2, 3],
+        "steps_gone": [],
         "failures": [],
     }
 
@@ -166,15 +169,16 @@ def test_verify_names_each_failing_file_and_tensor(files: Files) -> None:
     assert lines[0] == f"Error: {store}: 2 integrity problem(s)"
     assert lines[1] == f"  {base_file} (tensor 'w'): chunk 0 does not match its digest"
     assert lines[2].startswith(f"  {step_file}: ")
-    assert lines[3] == "Restore the damaged files from a copy, or delete damaged steps with `fishckpt rm STORE STEP`."
-    assert run("verify", store, 1).exit_code == 0  # step 1's own file is intact
+    assert lines[3] == f"The base file is damaged: restore {base_file} from a copy."
+    assert lines[4] == "Restore the damaged step files from a copy, or delete them with `fishckpt rm STORE STEP`."
+    assert run("verify", store, 1).exit_code == 0  # step 1's own file is intact, and the mask's base values too
 
     result = run("verify", store, "--json")
     assert result.exit_code == 1
     document = json.loads(result.stdout)
     assert document["ok"] is False
     assert [(f["file"], f["tensor"]) for f in document["failures"]] == [(str(base_file), "w"), (str(step_file), None)]
-    assert result.stderr.startswith(f"Error: {store}: 2 integrity problem(s)\nRestore")
+    assert result.stderr.startswith(f"Error: {store}: 2 integrity problem(s)\nThe base file is damaged")
 
 
 def test_a_truncated_base_fails_verify_restore_and_diff_but_not_ls(files: Files) -> None:
@@ -214,11 +218,17 @@ def test_report_json_adds_up(files: Files) -> None:
     assert document["plot"] is None
 
 
+def document_of(store: Path) -> dict:
+    return json.loads(run("report", store, "--json").stdout)
+
+
 def test_report_text(files: Files) -> None:
     store = make_store(files, saved=(1, 3))
     lines = run("report", store).stdout.splitlines()
     assert lines[0] == f"Store {store}: 5 tensors, 2.1 KiB dense"
-    assert lines[2] == "  mask         255 B (k = 9 of 536 entries, 1.68%)"
+    mask_bytes = (store / "mask.safetensors").stat().st_size
+    assert re.fullmatch(r"  mask         \S+ \S+ \(k = 9 of 536 entries, 1\.68%\)", lines[2])
+    assert document_of(store)["files"]["mask_bytes"] == mask_bytes
     assert lines[4].startswith("  total ") and "for the same 2 step(s) saved densely" in lines[4]
     assert lines[-3:-1] == ["Tensors with the most changes outside the mask:", "TENSOR  ENTRIES  STEPS"]
     (files.root / "other").mkdir()

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
 from fishckpt import FormatError, IntegrityError
-from fishckpt.format import codec, container, safetensors_layout, stepfile
+from fishckpt.format import codec, container, safetensors_layout, stepfile, stfile
 from fishckpt.format.bits import UINT_BY_WIDTH
 from fishckpt.format.codec import Section
 
@@ -275,40 +275,184 @@ def test_container_detects_every_flipped_byte_and_truncation() -> None:
             container.parse("m", data[:size], container.MASK_MAGIC, what="mask")
 
 
+# Format v2 files ---------------------------------------------------------------------------------
+
+
+def _v2_file(kind: str = "step", record: dict[str, object] | None = None) -> bytes:
+    sections = [
+        ("a.p0", codec.compress(bytes(300))),
+        ("a.p1", codec.compress(b"xyz")),
+        ("empty", Section("raw", 0, b"")),
+    ]
+    return b"".join(stfile.pack(kind, record or {"x": [1, 2]}, sections))
+
+
+def test_v2_file_is_a_safetensors_file_users_can_open(tmp_path) -> None:
+    data = _v2_file()
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    with safe_open(path, "pt") as opened:
+        metadata = opened.metadata()
+        assert metadata["fishckpt.format_version"] == "2"
+        assert metadata["fishckpt.kind"] == "step"
+        assert sorted(opened.keys()) == ["a.p0", "a.p1", "empty"]
+        assert opened.get_tensor("a.p1").dtype == torch.uint8
+    record = json.loads(metadata["fishckpt.record"])
+    assert record["x"] == [1, 2]
+    assert record["tensors"]["a.p1"] == {"codec": "raw", "raw_bytes": 3, "digest": xxhash.xxh3_128_hexdigest(b"xyz")}
+    file = stfile.read_whole(data, kind="step", where="f")
+    assert [file.section(name) for name in ("a.p0", "a.p1", "empty")] == [bytes(300), b"xyz", b""]
+
+
+def test_v2_file_detects_every_flipped_byte_truncation_and_appended_bytes() -> None:
+    data = _v2_file()
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01
+        with pytest.raises(IntegrityError, match="^f: "):
+            stfile.read_whole(bytes(damaged), kind="step", where="f").check_all()
+    for damaged in (data[:-1], data[: len(data) // 2], data[:7], data + b"\x00"):
+        with pytest.raises(IntegrityError, match="^f: "):
+            stfile.read_whole(damaged, kind="step", where="f").check_all()
+
+
+def test_v2_file_detects_a_renamed_tensor() -> None:
+    data = _v2_file().replace(b'"a.p1":{"dtype"', b'"a.q1":{"dtype"')
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        stfile.read_whole(data, kind="step", where="f")
+
+
+def _resealed(data: bytes, edit: object) -> bytes:
+    """A v2 file whose header was edited by ``edit`` and then given a valid checksum again."""
+    layout = safetensors_layout.parse(data, file_size=len(data), where="x")
+    header = json.loads(layout.header_bytes)
+    edit(header)  # type: ignore[operator]
+    header["__metadata__"][stfile.CHECKSUM_KEY] = "0" * 32
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    raw = raw.replace(
+        f'"{stfile.CHECKSUM_KEY}":"{"0" * 32}"'.encode(),
+        f'"{stfile.CHECKSUM_KEY}":"{xxhash.xxh3_128_hexdigest(raw)}"'.encode(),
+    )
+    return struct.pack("<Q", len(raw)) + raw + data[layout.data_start :]
+
+
+def _set_record(change: dict[str, object]):
+    def edit(header: dict) -> None:
+        record = json.loads(header["__metadata__"][stfile.RECORD_KEY])
+        for key, value in change.items():
+            if value is None:
+                record.pop(key)
+            else:
+                record[key] = value
+        header["__metadata__"][stfile.RECORD_KEY] = json.dumps(record)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (lambda h: h["__metadata__"].update({stfile.VERSION_KEY: "3"}), FormatError, "format_version 3"),
+        (lambda h: h["__metadata__"].update({stfile.KIND_KEY: "mask"}), FormatError, "not a fishckpt step file"),
+        (lambda h: h["__metadata__"].update({stfile.RECORD_KEY: "{oops"}), FormatError, "malformed record"),
+        (lambda h: h["__metadata__"].update({stfile.RECORD_KEY: "[1]"}), FormatError, "no tensors table"),
+        (_set_record({"tensors": {}}), FormatError, "does not match the file's tensors"),
+        (
+            _set_record(
+                {"tensors": {"a.p0": {"codec": "lz4", "raw_bytes": 1, "digest": "0"}, "a.p1": {}, "empty": {}}}
+            ),
+            FormatError,
+            "malformed entry",
+        ),
+        (lambda h: h["a.p1"].update({"dtype": "I8"}), FormatError, "must be a 1-d U8 tensor"),
+    ],
+    ids=["version", "kind", "record-json", "record-list", "table-names", "table-entry", "dtype"],
+)
+def test_v2_checks_behind_a_valid_checksum(edit: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        stfile.read_whole(_resealed(_v2_file(), edit), kind="step", where="f")
+
+
+def test_v2_section_checks_behind_a_valid_checksum() -> None:
+    data = _v2_file()
+
+    def wrong(field: str, value: object):
+        def edit(header: dict) -> None:
+            record = json.loads(header["__metadata__"][stfile.RECORD_KEY])
+            record["tensors"]["a.p0"][field] = value
+            header["__metadata__"][stfile.RECORD_KEY] = json.dumps(record)
+
+        return edit
+
+    with pytest.raises(IntegrityError, match="step file is corrupted: section 'a.p0' does not match its digest"):
+        stfile.read_whole(_resealed(data, wrong("digest", "0" * 32)), kind="step", where="f").section("a.p0")
+    with pytest.raises(FormatError, match="zstd frame declares 300 bytes, the record says 299"):
+        stfile.read_whole(_resealed(data, wrong("raw_bytes", 299)), kind="step", where="f").section("a.p0")
+    with pytest.raises(FormatError, match="no section 'nope'"):
+        stfile.read_whole(data, kind="step", where="f").section("nope")
+
+
+def test_a_plain_safetensors_file_is_not_taken_for_a_fishckpt_file() -> None:
+    plain = safetensors_layout.header([("w", "U8", [2], 2)], {"format": "pt"}) + b"ab"
+    with pytest.raises(FormatError, match="not a fishckpt step file"):
+        stfile.read_whole(plain, kind="step", where="f")
+
+
 # Step records -------------------------------------------------------------------------------------
 
 
-def test_step_record_round_trips_through_its_header() -> None:
-    record = stepfile.StepRecord(
+def _content(**change: object) -> stepfile.StepContent:
+    content = stepfile.StepContent(
+        store_id="5" * 32,
         step=7,
         created=1.5,
         base_digest="b" * 32,
-        mask_digest="m" * 32,
+        mask_digest="c" * 32,
         k=3,
-        values=[stepfile.ValueStream(4, 3, 0)],
-        outside=[stepfile.OutsideRecord("w", "sparse", 2, 4, 4, 8)],
-        digests={"w": "d" * 32},
+        digest="d" * 32,
         metadata={"loss": 0.5},
-        training=stepfile.TrainingRecord(
-            {"optimizer": {"$tensor": 0}}, [stepfile.TrainingTensor("float32", (3,), 12, 4)]
+        values=[(4, 3, [codec.compress(bytes([i]) * 3) for i in range(4)])],
+        outside=[("w", "sparse", 2, 4, 4, [codec.compress(b"gg")] * 4, [codec.compress(b"vv")] * 4)],
+        training=(
+            codec.compress(b'{"tree":{"x":{"$tensor":0}},"tensors":[["float32",[3]]]}'),
+            [(4, 3, [codec.compress(b"ttt")] * 4)],
         ),
     )
-    sections = [Section("raw", 1, b"x")] * 16
-    data = b"".join(stepfile.pack(record, sections))
-    parsed, _ = stepfile.parse(data, where="s")
-    assert parsed.section_lengths == [1] * 16
-    assert parsed.training_bytes == 4
-    parsed.section_lengths = []
-    assert parsed == record
+    for key, value in change.items():
+        setattr(content, key, value)
+    return content
+
+
+def test_step_record_round_trips() -> None:
+    content = _content()
+    data = b"".join(stepfile.pack(content))
+    record, file = stepfile.parse(data, where="s")
+    assert (record.version, record.step, record.store_id, record.digest, record.k) == (2, 7, "5" * 32, "d" * 32, 3)
+    assert (record.base_digest, record.mask_digest, record.metadata) == ("b" * 32, "c" * 32, {"loss": 0.5})
+    assert [file.section(key) for key in record.values[0].sections] == [bytes([i]) * 3 for i in range(4)]
+    outside = record.outside[0]
+    assert (outside.name, outside.mode, outside.count, outside.gap_width) == ("w", "sparse", 2, 4)
+    assert [file.section(key) for key in outside.position_sections] == [b"gg"] * 4
+    assert record.training is not None and record.training.tree == {"x": {"$tensor": 0}}
+    assert record.training.tensors[0].dtype == "float32" and record.training.tensors[0].shape == (3,)
+    assert record.stored_bytes == len(data)
+    assert record.training_bytes == content.training_bytes > 0
 
 
 @pytest.mark.parametrize(
     "change",
-    [{"kind": "mask"}, {"step": "7"}, {"values": [[4, 3]]}, {"outside_mask": [["w", "sparse", 2]]}, {"digests": []},
-     {"k": True}, {"metadata": [1]}, {"training": {"tree": {}}}],
-    ids=["kind", "step", "values", "outside", "digests", "k-bool", "metadata", "training"],
+    [{"step": "7"}, {"values": [{"width": 4}]}, {"outside": [{"tensor": "w", "mode": "sparse"}]}, {"k": True},
+     {"metadata": [1]}, {"digest": None}, {"store_id": None}],
+    ids=["step", "values", "outside", "k-bool", "metadata", "digest", "store-id"],
 )  # fmt: skip
-def test_step_record_refuses_malformed_headers(change: dict[str, object]) -> None:
+def test_step_record_refuses_malformed_records(change: dict[str, object]) -> None:
+    data = b"".join(stepfile.pack(_content(training=None)))
+    with pytest.raises(FormatError, match="^s: malformed step record"):
+        stepfile.parse(_resealed(data, _set_record(change)), where="s")
+
+
+def test_v1_step_headers_are_still_read() -> None:
     header = {
         "kind": "checkpoint",
         "step": 7,
@@ -316,12 +460,17 @@ def test_step_record_refuses_malformed_headers(change: dict[str, object]) -> Non
         "base_digest": "b",
         "mask_digest": "m",
         "k": 3,
-        "values": [],
-        "outside_mask": [],
-        "digests": {},
+        "values": [[4, 3, 0]],
+        "outside_mask": [["w", "sparse", 2, 4, 4, 8]],
+        "digests": {"w": "d"},
         "metadata": {},
-        "sections": [],
-        **change,
     }
-    with pytest.raises(FormatError, match="^s: "):
-        stepfile.StepRecord.from_header(header, where="s")
+    sections = [Section("raw", 1, bytes([i])) for i in range(12)]
+    record, file = stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections)), where="s")
+    assert record.version == 1 and record.tensor_digests == {"w": "d"}
+    assert [file.section(key) for key in record.values[0].sections] == [bytes([i]) for i in range(4)]
+    assert list(record.outside[0].position_sections) == [4, 5, 6, 7]
+    assert list(record.outside[0].value_sections) == [8, 9, 10, 11]
+    for bad in ({"kind": "mask"}, {"values": [[4, 3]]}, {"digests": []}):
+        with pytest.raises(FormatError, match="^s: "):
+            stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, **bad}, sections)), where="s")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_state_bits_equal
-from golden_v1 import base_state, mask, step_state
+from golden_v1 import mask, step_state
 
-from fishckpt import CheckpointStore, OutsideMaskWarning
+from fishckpt import CheckpointStore, FormatError, OutsideMaskWarning
 
 GOLDEN = Path(__file__).parent / "data" / "store_v1"
 
@@ -34,9 +34,34 @@ def test_golden_store_loads_bit_exact(golden: CheckpointStore) -> None:
     assert info.changed_outside_mask == {"layer.weight": 1, "counts": 5, "flags": 1}
 
 
-def test_golden_store_accepts_new_steps(golden: CheckpointStore) -> None:
-    with pytest.warns(OutsideMaskWarning, match=r"counts \(5 entries, dense\)"):
-        golden.save(step_state(2), 3)  # a version-1 store written to by this version
-    assert_state_bits_equal(golden.load(3), step_state(2))
-    assert_state_bits_equal(golden.load(1), step_state(1))  # the old steps are untouched
-    assert list(golden.load(3)) == list(base_state())  # key order is the base's
+def test_golden_v1_store_is_read_only_and_says_how_to_upgrade(golden: CheckpointStore) -> None:
+    assert golden.format_version == 1 and golden.store_id is None
+    with pytest.raises(FormatError, match="format 1, which this fishckpt reads but no longer writes; run `fishckpt up"):
+        golden.save(step_state(2), 3)
+    assert golden.steps == [1, 2]
+
+
+def test_golden_v1_store_upgrades_bit_exact(golden: CheckpointStore) -> None:
+    before = {step: golden.load(step) for step in golden.steps}
+    created = golden.info(2).created
+    upgraded = CheckpointStore.upgrade(golden.path)
+    assert upgraded.format_version == 2 and upgraded.store_id is not None
+    assert upgraded.steps == [1, 2]
+    assert sorted(p.name for p in Path(upgraded.path).iterdir()) == [
+        ".lock",
+        "base.safetensors",
+        "manifest.safetensors",
+        "mask.safetensors",
+        "steps",
+    ]
+    upgraded.verify()
+    for step in (1, 2):
+        assert_state_bits_equal(upgraded.load(step), before[step])
+        assert_state_bits_equal(upgraded.load(step), step_state(step))
+    assert upgraded.info(2).metadata == {"note": "with buffers"}
+    assert upgraded.info(2).created == created
+    with pytest.warns(OutsideMaskWarning, match=r"counts \(5\)"):
+        upgraded.save(step_state(2), 3)  # and it takes new steps
+    assert_state_bits_equal(CheckpointStore.open(golden.path).load(3), step_state(2))
+    with pytest.raises(FormatError, match="already format 2"):
+        CheckpointStore.upgrade(golden.path)

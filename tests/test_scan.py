@@ -1,11 +1,10 @@
-"""The exact check's chunk scan: the C extension and the torch loop against an independent oracle."""
+"""The batch layer (store/batch.py): the C table functions and the torch fallbacks, against an independent oracle."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
-from unittest import mock
+import threading
 
 import numpy as np
 import pytest
@@ -16,152 +15,230 @@ from conftest import bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fishckpt.format.bits import byte_view, element_words
+from fishckpt import Mask
+from fishckpt.format.bits import element_words
 from fishckpt.format.dtypes import dtype_row
-from fishckpt.format.manifest import TensorEntry
-from fishckpt.store import scan as _scan
+from fishckpt.format.manifest import Manifest, TensorEntry
+from fishckpt.store import batch
+from fishckpt.store import native as _scan
+from fishckpt.store.scan import RowPlan
+from fishckpt.store.table import MaskTable, build_table
 
-needs_native = pytest.mark.skipif(not _scan.native_available(), reason="the C extension was not built")
+needs_native = pytest.mark.skipif(not _scan.available(), reason="the C extension was not built")
+BOTH = [pytest.param(True, marks=needs_native), False]
 
 
-def _chunk_digests(tensor: torch.Tensor, per_chunk: int) -> list[bytes]:
+def _chunk_digests(tensor: torch.Tensor, chunk_bytes: int) -> list[bytes]:
     """Oracle: the xxhash package's XXH3-128 of each chunk of the tensor's bytes."""
     data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-    step = per_chunk * tensor.element_size()
+    step = max(1, chunk_bytes // tensor.element_size()) * tensor.element_size()
     return [xxhash.xxh3_128_digest(data[i : i + step]) for i in range(0, max(len(data), 1), step)]
 
 
-def _case(dtype: torch.dtype, numel: int, per_chunk: int, density: float, outside: int, seed: int):
-    """A base, a mask, a state changed inside the mask and at ``outside`` positions, and the changed chunks."""
-    generator = torch.Generator().manual_seed(seed)
-    base = random_tensor(dtype, (numel,), generator)
-    index = torch.nonzero(torch.rand(numel, generator=generator) < density).reshape(-1)
-    state = base.clone()
-    words = element_words(state)
-    words[index] = element_words(random_tensor(dtype, (index.numel(),), generator))
-    unmasked = torch.ones(numel, dtype=torch.bool)
-    unmasked[index] = False
-    candidates = torch.nonzero(unmasked).reshape(-1)
-    moved = candidates[torch.randperm(candidates.numel(), generator=generator)[:outside]]
-    for position in moved.tolist():  # flip one bit of the first byte: always a real change
-        state.reshape(-1)[position : position + 1].view(torch.uint8)[0] ^= 1
-    row = dtype_row(dtype, key="t")
-    entry = TensorEntry("t", row, (numel,), None, _chunk_digests(base, per_chunk))
-    plan = _scan.MaskPlan.build(entry, index, base, per_chunk * row.itemsize)
-    expected_chunks = sorted({position // per_chunk for position in moved.tolist()})
-    return entry, plan, base, state, index, expected_chunks
+class Case:
+    """Base tensors, a mask, a state changed inside the mask and at chosen outside positions, and the table."""
+
+    def __init__(self, specs: list[tuple[torch.dtype, tuple[int, ...], float, int]], chunk_bytes: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.chunk_bytes = chunk_bytes
+        self.base: dict[str, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = {}
+        indices, shapes, entries = {}, {}, []
+        self.expected: set[tuple[str, int]] = set()  # (tensor, chunk) changed outside the mask
+        for number, (dtype, shape, density, outside) in enumerate(specs):
+            name = f"t{number}"
+            base = random_tensor(dtype, shape, generator)
+            numel = base.numel()
+            index = torch.nonzero(torch.rand(numel, generator=generator) < density).reshape(-1)
+            state = base.clone()
+            words = element_words(state)
+            words[index] = element_words(random_tensor(dtype, (index.numel(),), generator))
+            unmasked = torch.ones(numel, dtype=torch.bool)
+            unmasked[index] = False
+            candidates = torch.nonzero(unmasked).reshape(-1)
+            moved = candidates[torch.randperm(candidates.numel(), generator=generator)[:outside]]
+            per_chunk = max(1, chunk_bytes // base.element_size())
+            for position in moved.tolist():  # flip one bit of the first byte: always a real change
+                state.reshape(-1)[position : position + 1].view(torch.uint8)[0] ^= 1
+                self.expected.add((name, position // per_chunk))
+            self.base[name], self.state[name] = base, state
+            indices[name], shapes[name] = index, shape
+            digests = _chunk_digests(base, chunk_bytes)
+            entries.append(TensorEntry(name, dtype_row(dtype, key=name), shape, None, digests))
+        self.mask = Mask.from_indices(indices, shapes)
+        self.table: MaskTable = build_table(Manifest(entries, chunk_bytes, self.mask.digest, 0.0), self.mask)
+
+    def rows(self, which: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [which[entry.name] for entry in self.table.entries]
+
+    def reference_values(self, which: dict[str, torch.Tensor]) -> np.ndarray:
+        """Oracle: every tensor's masked elements' bytes in table order, by plain indexing."""
+        parts = [
+            element_words(which[e.name])[self.mask[e.name]].contiguous().view(torch.uint8).reshape(-1).numpy()
+            for e in self.table.entries
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    def scan(self, native: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, set[tuple[str, int]]]:
+        base_values = self.table.new_values()
+        batch.gather(self.table, self.rows(self.base), base_values)
+        values = self.table.new_values()
+        scratch = torch.empty(self.chunk_bytes + 16, dtype=torch.uint8)
+
+        def plan(row: int) -> RowPlan:
+            entry = self.table.entries[row]
+            words = element_words(self.base[entry.name])[self.table.row_index(row)]
+            return RowPlan.build(entry, self.table.row_index(row), words, int(self.table.chunk_elements[row]))
+
+        with monkeypatch.context() as patch:
+            if not native:
+                patch.setattr(_scan, "module", None)
+            differing = batch.scan_all(
+                self.table,
+                self.rows(self.state),
+                values,
+                base_values,
+                row_plan=plan,
+                scratch=lambda: scratch,
+                scratch_lock=threading.Lock(),
+            )
+        return values, {(self.table.entries[row].name, chunk) for row, chunk in differing}
 
 
-def _run(entry, plan, state, *, native: bool, monkeypatch: pytest.MonkeyPatch):
-    with monkeypatch.context() as patch:
-        if not native:
-            patch.setattr(_scan, "_native", None)
-        scratch = torch.empty(plan.per_chunk * entry.dtype.itemsize, dtype=torch.uint8)
-        return _scan.scan(entry, plan, state, scratch)
-
-
-@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False], ids=["native", "torch"])
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scan_finds_exactly_the_changed_chunks(dtype: torch.dtype, native: bool, monkeypatch) -> None:
-    # 1000 elements in chunks of 96 (a last, short chunk), some chunks with no masked entry.
-    for seed, (numel, density, outside) in enumerate([(1000, 0.05, 0), (1000, 0.3, 3), (1000, 0.0, 2), (7, 1.0, 0)]):
-        entry, plan, _, state, index, expected_chunks = _case(dtype, numel, 96, density, outside, seed)
-        values, differing = _run(entry, plan, state, native=native, monkeypatch=monkeypatch)
-        assert differing == expected_chunks
-        assert torch.equal(bits(values), bits(element_words(state)[index]))
+    # 1000 elements in chunks of 96 elements' bytes (a last, short chunk), a chunk-less empty tensor, a scalar.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    specs = [(dtype, (1000,), 0.05, 0), (dtype, (40, 25), 0.3, 3), (dtype, (1000,), 0.0, 2), (dtype, (7,), 1.0, 0)]
+    specs += [(dtype, (0, 3), 0.5, 0), (dtype, (), 1.0, 0)]
+    case = Case(specs, 96 * itemsize, seed=3)
+    values, differing = case.scan(native, monkeypatch)
+    assert differing == case.expected
+    assert np.array_equal(values, case.reference_values(case.state))
 
 
-@needs_native
-def test_native_blocks_cross_chunk_and_block_edges() -> None:
-    # 4 KiB blocks inside 10,000-element chunks: masked entries on every edge, state left untouched.
-    numel, per_chunk = 40_000, 10_000
-    base = torch.arange(numel, dtype=torch.float32)
-    edges = {0, 1023, 1024, 1025, 9_999, 10_000, 10_001, 19_999, 39_999}
-    index = torch.tensor(sorted(edges), dtype=torch.int64)
-    state = base.clone()
-    state[index] = -1.0
-    row = dtype_row(torch.float32, key="t")
-    entry = TensorEntry("t", row, (numel,), None, _chunk_digests(base, per_chunk))
-    plan = _scan.MaskPlan.build(entry, index, base, per_chunk * 4)
-    values, differing = _scan.scan(entry, plan, state, scratch=None)
-    assert differing == []
-    assert values.view(torch.float32).tolist() == [-1.0] * len(edges)
-    state[10_002] = 0.5  # outside the mask, in chunk 1
-    assert _scan.scan(entry, plan, state, scratch=None)[1] == [1]
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+def test_scan_blocks_cross_chunk_and_block_edges(native: bool, monkeypatch) -> None:
+    # 4 KiB blocks inside 10,000-element chunks: masked entries on every edge, the state untouched elsewhere.
+    case = Case([(torch.float32, (40_000,), 0.0, 0)], 40_000, seed=0)
+    edges = [0, 1023, 1024, 1025, 9_999, 10_000, 10_001, 19_999, 39_999]
+    case.mask = Mask.from_indices({"t0": edges}, {"t0": (40_000,)})
+    entry = case.table.entries[0]
+    case.table = build_table(Manifest([entry], 40_000, case.mask.digest, 0.0), case.mask)
+    case.state["t0"] = case.base["t0"].clone()
+    case.state["t0"][edges] = -1.0
+    values, differing = case.scan(native, monkeypatch)
+    assert differing == set()
+    assert values.view(np.float32).tolist() == [-1.0] * len(edges)
+    case.state["t0"][10_002] = 0.5  # outside the mask, in chunk 1
+    assert case.scan(native, monkeypatch)[1] == {("t0", 1)}
 
 
-@needs_native
-def test_native_empty_tensor_has_one_chunk() -> None:
-    row = dtype_row(torch.float16, key="t")
-    empty = torch.empty(0, dtype=torch.float16)
-    entry = TensorEntry("t", row, (0,), None, [xxhash.xxh3_128_digest(b"")])
-    plan = _scan.MaskPlan.build(entry, torch.zeros(0, dtype=torch.int64), empty, 64)
-    values, differing = _scan.scan(entry, plan, empty, scratch=None)
-    assert differing == [] and values.numel() == 0
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(DTYPES), st.integers(0, 300), st.floats(0, 1), st.integers(0, 4)),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([16, 64, 272, 4096]),
+    st.integers(0, 2**31 - 1),
+)
+def test_native_scan_matches_the_oracle_and_the_torch_loop(specs, chunk_bytes, seed) -> None:
+    if not _scan.available():
+        pytest.skip("the C extension was not built")
+    case = Case([(dtype, (numel,), density, outside) for dtype, numel, density, outside in specs], chunk_bytes, seed)
+    with pytest.MonkeyPatch.context() as patch:
+        native_values, native_differing = case.scan(True, patch)
+        torch_values, torch_differing = case.scan(False, patch)
+    assert native_differing == torch_differing == case.expected
+    assert np.array_equal(native_values, torch_values)
+    assert np.array_equal(native_values, case.reference_values(case.state))
 
 
-def _native_args(numel: int = 100, k: int = 3, itemsize: int = 4, per_chunk: int = 50):
-    chunks = max(1, math.ceil(numel / per_chunk))
-    return [
-        np.zeros(numel * itemsize, dtype=np.uint8),
-        itemsize,
-        per_chunk,
-        np.arange(0, 3 * k, 3, dtype=np.int64),
-        np.zeros(k * itemsize, dtype=np.uint8),
-        np.zeros(k * itemsize, dtype=np.uint8),
-        bytes(16 * chunks),
-    ]
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+def test_gather_and_scatter_are_inverse_and_touch_only_masked_entries(native: bool, monkeypatch) -> None:
+    case = Case([(d, (33, 7), 0.2, 0) for d in (torch.float32, torch.complex128, torch.bool, torch.bfloat16)], 64, 1)
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(_scan, "module", None)
+        values = case.table.new_values()
+        batch.gather(case.table, case.rows(case.state), values)
+        assert np.array_equal(values, case.reference_values(case.state))
+        targets = {name: tensor.clone() for name, tensor in case.base.items()}
+        batch.scatter(case.table, case.rows(targets), values)
+    for name in case.base:
+        assert torch.equal(bits(targets[name]), bits(case.state[name])), name
+
+
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+def test_copy_check_copies_and_names_the_first_bad_chunk(native: bool, monkeypatch) -> None:
+    case = Case([(torch.float64, (500,), 0.0, 0), (torch.int16, (3, 300), 0.0, 0), (torch.uint8, (0,), 0.0, 0)], 128, 2)
+    sources = case.rows(case.base)
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(_scan, "module", None)
+        targets = [torch.empty_like(t) for t in sources]
+        assert batch.copy_check(case.table, targets, sources) == []
+        for source, target in zip(sources, targets, strict=True):
+            assert torch.equal(bits(target), bits(source))
+        damaged = [t.clone() for t in sources]
+        wide, narrow = case.table.row_of["t0"], case.table.row_of["t1"]
+        damaged[wide].view(-1).view(torch.uint8)[300] ^= 1  # chunk 2 of 128-byte chunks
+        damaged[narrow].reshape(-1).view(torch.uint8)[1799] ^= 1  # the int16 tensor's last chunk, 14
+        assert batch.copy_check(case.table, [None] * 3, damaged) == sorted([(wide, 2), (narrow, 14)])
+        fresh = [torch.empty_like(t) for t in damaged]
+        assert batch.copy_check(case.table, fresh, damaged, verify=False) == []
+        assert torch.equal(bits(fresh[wide]), bits(damaged[wide]))
+
+
+def test_rows_send_only_contiguous_cpu_tensors_to_c() -> None:
+    strided = torch.zeros(4, 4).t()
+    conj = torch.zeros(3, dtype=torch.complex64).conj()
+    rows = batch.Rows([torch.zeros(3), strided, conj, torch.zeros(2)])
+    expected = [] if _scan.available() else [0, 3]
+    assert rows.fallback == sorted([1, 2, *expected])
+    assert (rows.addresses[[1, 2]] == 0).all()
 
 
 @needs_native
 @pytest.mark.parametrize(
-    ("position", "value", "message"),
+    ("change", "message"),
     [
-        (3, np.array([5, 5, 9], dtype=np.int64), "index\\[1\\] = 5 is not strictly increasing"),
-        (3, np.array([9, 5, 6], dtype=np.int64), "index\\[1\\] = 5 is not strictly increasing"),
-        (3, np.array([1, 2, 100], dtype=np.int64), "index\\[2\\] = 100 .* not below numel 100"),
-        (3, np.array([-1, 2, 3], dtype=np.int64), "index\\[0\\] = -1"),
-        (1, 0, "itemsize 0 must be 1 to 16"),
-        (2, 0, "chunk_elements 0 at least 1"),
-        (4, np.zeros(11, dtype=np.uint8), "base_values and values of 12 bytes"),
-        (5, np.zeros(13, dtype=np.uint8), "base_values and values of 12 bytes"),
-        (6, bytes(16), "32 digest bytes"),
-        (0, np.zeros(401, dtype=np.uint8), "not a whole number of elements"),
+        ({"index": np.array([5, 5, 9], dtype=np.int64)}, "row 0 has an index out of order or out of range"),
+        ({"index": np.array([5, 3, 9], dtype=np.int64)}, "row 0 has an index out of order or out of range"),
+        ({"index": np.array([1, 2, 100], dtype=np.int64)}, "row 0 has an index out of order or out of range"),
+        ({"index": np.array([-1, 2, 3], dtype=np.int64)}, "row 0 has an index out of order or out of range"),
+        ({"itemsizes": np.array([0], dtype=np.int64)}, "row 0 has an invalid size, count or index range"),
+        ({"itemsizes": np.array([17], dtype=np.int64)}, "row 0 has an invalid size, count or index range"),
+        ({"index_starts": np.array([0, 4], dtype=np.int64)}, "row 0 has an invalid size, count or index range"),
+        ({"index_starts": np.array([2, 1], dtype=np.int64)}, "row 0 has an invalid size, count or index range"),
+        ({"numels": np.array([1, 2], dtype=np.int64)}, "table arrays disagree in length"),
+        ({"last": 2}, "rows \\[0, 2\\) outside the table's 1"),
     ],
-)
-def test_native_refuses_inconsistent_arguments(position: int, value: object, message: str) -> None:
-    args = _native_args()
-    args[position] = value
-    native = _scan._native
-    assert native is not None
-    with pytest.raises(ValueError, match=message):
-        native.masked_scan(*args)
-
-
-@needs_native
-def test_native_needs_a_writable_values_buffer() -> None:
-    args = _native_args()
-    args[5] = bytes(12)
-    native = _scan._native
-    assert native is not None
-    with pytest.raises(TypeError):
-        native.masked_scan(*args)
-
-
-@needs_native
-def test_native_digest_matches_xxhash_package() -> None:
-    # No masked entries: the native digest of each chunk is the xxhash package's, so only the chunk
-    # whose reference digest was damaged differs.
-    data = torch.randint(0, 256, (100_003,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    digests = _chunk_digests(data, 8_192)
-    digests[5] = bytes(16)
-    native = _scan._native
-    assert native is not None
-    empty = np.zeros(0, dtype=np.uint8)
-    differing = native.masked_scan(
-        byte_view(data).numpy(), 1, 8_192, np.zeros(0, dtype=np.int64), empty, empty.copy(), b"".join(digests)
-    )
-    assert differing == [5]
+    ids=["repeat", "descending", "past-end", "negative", "itemsize-0", "itemsize-17", "starts-past", "starts-back",
+         "lengths", "rows"],
+)  # fmt: skip
+def test_native_tables_refuse_inconsistent_arguments(change: dict[str, object], message: str) -> None:
+    data = np.zeros(100, dtype=np.float32)
+    out = np.zeros(3, dtype=np.float32)
+    args = {
+        "first": 0,
+        "last": 1,
+        "data": np.array([data.ctypes.data], dtype=np.uint64),
+        "numels": np.array([100], dtype=np.int64),
+        "itemsizes": np.array([4], dtype=np.int64),
+        "index_starts": np.array([0, 3], dtype=np.int64),
+        "index": np.array([1, 2, 3], dtype=np.int64),
+        "values": np.array([out.ctypes.data], dtype=np.uint64),
+    }
+    args.update(change)
+    assert _scan.module is not None
+    for function in (_scan.module.gather_table, _scan.module.scatter_table):
+        with pytest.raises(ValueError, match=message):
+            function(*args.values())
+    assert data.tolist() == [0.0] * 100  # nothing was written before the check failed
 
 
 def test_store_works_where_the_extension_is_missing(tmp_path) -> None:
@@ -170,9 +247,8 @@ def test_store_works_where_the_extension_is_missing(tmp_path) -> None:
 import sys, warnings
 sys.modules["fishckpt.store._native"] = None  # makes `from . import _native` raise ImportError
 import torch
-from fishckpt import CheckpointStore, Mask, OutsideMaskWarning
-from fishckpt.store import scan as _scan
-assert not _scan.native_available()
+from fishckpt import CheckpointStore, Mask, OutsideMaskWarning, native_scan_available
+assert not native_scan_available()
 base = {{"w": torch.arange(4096, dtype=torch.float32), "b": torch.zeros(3)}}
 mask = Mask.from_indices({{"w": [5, 4000]}}, {{"w": (4096,)}})
 store = CheckpointStore.create({str(tmp_path / "store")!r}, base, mask)
@@ -181,34 +257,12 @@ state["w"][[5, 4000, 17]] = -1.0
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     info = store.save(state, 1)
-assert info.changed_outside_mask == {{"w": 1}}, info.changed_outside_mask
-assert any(issubclass(w.category, OutsideMaskWarning) for w in caught)
-assert torch.equal(store.load(1)["w"].view(torch.int32), state["w"].view(torch.int32))
+assert info.changed_outside_mask == {{"w": 1}}, info
+loaded = store.load(1)
+assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+store.load_into(state, 1)
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
-
-
-@needs_native
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(
-    dtype=st.sampled_from(DTYPES),
-    numel=st.integers(0, 5000),
-    per_chunk=st.integers(1, 3000),
-    density=st.floats(0, 1),
-    outside=st.integers(0, 5),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_native_matches_oracle_and_torch_loop(
-    dtype: torch.dtype, numel: int, per_chunk: int, density: float, outside: int, seed: int
-) -> None:
-    entry, plan, _, state, index, expected_chunks = _case(dtype, numel, per_chunk, density, outside, seed)
-    scratch = torch.empty(per_chunk * entry.dtype.itemsize, dtype=torch.uint8)
-    native_values, native_chunks = _scan.scan(entry, plan, state, scratch=None)
-    with mock.patch.object(_scan, "_native", None):
-        torch_values, torch_chunks = _scan.scan(entry, plan, state, scratch)
-    assert native_chunks == torch_chunks == expected_chunks
-    assert torch.equal(bits(native_values), bits(element_words(state)[index]))
-    assert torch.equal(bits(native_values), bits(torch_values))

@@ -76,7 +76,7 @@ def test_base_file(tmp_path: Path) -> None:
 
 def test_mask_file(tmp_path: Path) -> None:
     store = _make_store(tmp_path)
-    path = store.path / "mask.fishmask"
+    path = store.files()["mask"]
 
     def check(_: int) -> None:
         with pytest.raises(IntegrityError, match=re.escape(str(path))):
@@ -87,7 +87,7 @@ def test_mask_file(tmp_path: Path) -> None:
 
 def test_manifest(tmp_path: Path) -> None:
     store = _make_store(tmp_path)
-    path = store.path / "fishckpt.json"
+    path = store.files()["manifest"]
 
     def check(_: int) -> None:
         with pytest.raises(IntegrityError, match=re.escape(str(path))):

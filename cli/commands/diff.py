@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
 
-from fishckpt import CheckpointStore, StateDiff, TensorDiff, diff_states, load_state_file
+if TYPE_CHECKING:
+    import torch
+
+    from fishckpt import CheckpointStore, StateDiff, TensorDiff
 
 from .._format import echo_json, json_number, table
 from .._options import json_option, store_argument
@@ -17,17 +19,16 @@ from .._options import json_option, store_argument
 
 def load_operand(text: str, store: CheckpointStore) -> tuple[str, dict[str, torch.Tensor]]:
     """A label and the state for A or B: an existing path is a file, an integer is a step of ``store``."""
+    from fishckpt import load_state_file
+
     path = Path(text)
     if path.exists():
         return str(path), load_state_file(path)
-    try:
-        step = int(text)
-    except ValueError:
+    if not (text.isascii() and text.isdigit()):
         raise click.ClickException(
-            f"{text}: no such file, and not a step number; give a checkpoint file or a step of {store.path}"
-        ) from None
-    if step < 0:
-        raise click.ClickException(f"{text}: steps are non-negative integers")
+            f"{text}: no such file, and not a step number; give a checkpoint file or a step of {store.location}"
+        )
+    step = int(text)
     return f"step {step}", store.load(step, verify=True)
 
 
@@ -46,6 +47,8 @@ def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> No
     entries changed, max |Δ| and the L2 norm of Δ (in float64; float tensors
     only), and how many changed entries lie outside STORE's mask. Then totals.
     """
+    from fishckpt import CheckpointStore, diff_states
+
     store = CheckpointStore.open(store_path)
     label_a, state_a = load_operand(a, store)
     label_b, state_b = load_operand(b, store)
@@ -54,7 +57,7 @@ def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> No
     if as_json:
         echo_json(
             {
-                "store": str(store.path),
+                "store": store.location,
                 "a": label_a,
                 "b": label_b,
                 "tensors": [_tensor_json(t) for t in rows],
@@ -65,7 +68,7 @@ def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> No
             }
         )
         return
-    click.echo(f"Comparing {label_a} with {label_b} (mask of {store.path})")
+    click.echo(f"Comparing {label_a} with {label_b} (mask of {store.location})")
     if rows:
         click.echo(
             table(

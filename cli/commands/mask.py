@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from fishckpt import CheckpointStore, Mask, diff_mask, load_state_file, random_mask
-
 from .._format import echo_json, table
 from .._options import PATH, check_output, force_option, json_option
 
@@ -35,6 +33,8 @@ def info_command(file: Path, as_json: bool) -> None:
     FILE is anything `init --mask` accepts (a fishckpt mask, or safetensors or
     PyTorch bool/0-1 tensors), or a store folder, whose mask is shown.
     """
+    from fishckpt import CheckpointStore, Mask
+
     loaded = CheckpointStore.open(file).mask if file.is_dir() else Mask.load(file)
     counts = loaded.counts()
     numels = {name: math.prod(loaded.shape(name)) for name in loaded.names}
@@ -90,6 +90,8 @@ def random_command(base: Path, keep_ratio: float, seed: int, out: Path, force: b
     seed always give the same mask (the paper's random baseline).
     """
     check_output(out, force=force)
+    from fishckpt import load_state_file, random_mask
+
     made = random_mask(load_state_file(base), keep_ratio, seed=seed)
     written = made.save(out, overwrite=force)
     click.echo(f"Wrote {out} ({written:,} bytes): random mask, k = {made.k:,} of {made.numel:,} ({made.density:.4%}).")
@@ -108,6 +110,8 @@ def diff_command(base: Path, tuned: Path, keep_ratio: float, out: Path, force: b
     change are never selected, so k can be smaller than asked for.
     """
     check_output(out, force=force)
+    from fishckpt import diff_mask, load_state_file
+
     made = diff_mask(load_state_file(base), load_state_file(tuned), keep_ratio=keep_ratio)
     written = made.save(out, overwrite=force)
     click.echo(f"Wrote {out} ({written:,} bytes): diff mask, k = {made.k:,} of {made.numel:,} ({made.density:.4%}).")

@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from fishckpt import CheckpointStore, StoreReport
+from fishckpt import Catalog, StoreReport
 
 from .._format import echo_json, format_ratio, human_bytes, json_number, smaller_or_larger, table
 from .._options import PATH, check_output, json_option, store_argument, write_output
-from .._progress import progress
+from .steps import fail_on_problems, read_steps
 
 TOP_TENSORS = 10
 PLOT_NEEDS = "--plot needs matplotlib: pip install 'fishckpt[plot]'"
@@ -33,15 +33,14 @@ def report(store_path: Path, as_json: bool, plot: Path | None, force: bool) -> N
     if plot is not None:
         _require_matplotlib()
         check_output(plot, force=force)
-    store = CheckpointStore.open(store_path)
-    saved = store.steps
-    summary = store.report(steps=progress(saved, description="reading", unit="step", total=len(saved)))
+    summary = read_steps(Catalog.open(store_path))
     if plot is not None:
         write_output(plot, _chart_png(summary), force=force)
     if as_json:
         echo_json(_json(summary, plot))
     else:
         _print_summary(summary, plot)
+    fail_on_problems(summary)
 
 
 def _json(summary: StoreReport, plot: Path | None) -> dict[str, Any]:
@@ -79,6 +78,7 @@ def _json(summary: StoreReport, plot: Path | None) -> dict[str, Any]:
             for row in summary.outside_mask_top(TOP_TENSORS)
         ],
         "plot": None if plot is None else str(plot),
+        "damaged": [{"step": step, "problem": problem} for step, problem in sorted(summary.problems.items())],
     }
 
 
@@ -148,7 +148,7 @@ def _chart_png(summary: StoreReport) -> bytes:
     """Checkpoint bytes per step (log scale) with the dense size as a reference line."""
     # The object API, not pyplot: no global backend or figure state changes in the caller's process.
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.add_subplot()
@@ -156,9 +156,9 @@ def _chart_png(summary: StoreReport) -> bytes:
     axes.plot(steps, [info.bytes for info in summary.steps], marker="o", label="fishckpt checkpoint")
     axes.axhline(summary.dense_bytes, color="tab:red", linestyle="--", label="dense checkpoint")
     axes.set_yscale("log")
-    size_labels = FuncFormatter(lambda value, _: human_bytes(int(value)))
-    axes.yaxis.set_major_formatter(size_labels)
-    axes.yaxis.set_minor_formatter(size_labels)
+    # Labels on the major ticks only: minor ones (every 2x..9x on a log axis) pile up into a smear.
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: human_bytes(int(value))))
+    axes.yaxis.set_minor_formatter(NullFormatter())
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("step")
     axes.set_ylabel("bytes")

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from fishckpt import CheckpointInfo, CheckpointStore
+from fishckpt import Catalog
 
-from .._format import compression_ratio, echo_json, format_ratio, human_bytes, json_number, table, utc_iso
-from .._options import STEP, json_option, store_argument
+from .._format import compression_ratio, echo_json, format_ratio, human_bytes, json_safe, table, utc_iso
+from .._options import STEP, json_option, store_argument, wait_option
 from .._progress import progress
 
+if TYPE_CHECKING:
+    from fishckpt import CheckpointInfo, StoreReport
 
-def checkpoint_infos(store: CheckpointStore) -> list[CheckpointInfo]:
-    """Every saved step's header, in step order."""
-    saved = store.steps
-    return [store.info(step) for step in progress(saved, description="reading", unit="step", total=len(saved))]
+
+def read_steps(catalog: Catalog) -> StoreReport:
+    """Every saved step's header, in step order, with a progress bar on a terminal; damaged ones in ``problems``."""
+    saved = catalog.steps
+    return catalog.report(steps=progress(saved, description="reading", unit="step", total=len(saved)))
+
+
+def fail_on_problems(summary: StoreReport) -> None:
+    """Exit 1 naming each damaged step, after everything else was shown."""
+    if summary.problems:
+        lines = "\n".join(f"  step {step}: {problem}" for step, problem in sorted(summary.problems.items()))
+        raise click.ClickException(
+            f"{summary.location}: {len(summary.problems)} step file(s) cannot be read:\n{lines}\n"
+            "Restore them from a copy, or delete them with `fishckpt rm`; the other steps are fine."
+        )
 
 
 def _message(info: CheckpointInfo) -> str | None:
@@ -32,22 +45,25 @@ def ls(store_path: Path, as_json: bool) -> None:
     """List the checkpoints saved in STORE, one row per step.
 
     Columns: step, time saved (UTC), bytes on disk, ratio to the dense size,
-    entries changed outside the mask, and the message given to `save`.
+    entries changed outside the mask, and the message given to `save`. A step
+    whose file is damaged is listed as such (and the exit status is then 1).
     """
-    store = CheckpointStore.open(store_path)
-    infos = checkpoint_infos(store)
+    catalog = Catalog.open(store_path)
+    summary = read_steps(catalog)
     if as_json:
         echo_json(
             {
-                "store": str(store.path),
-                "dense_bytes": store.dense_bytes,
-                "k": store.mask.k,
-                "checkpoints": [_info_json(info) for info in infos],
+                "store": catalog.location,
+                "dense_bytes": catalog.dense_bytes,
+                "k": catalog.k,
+                "checkpoints": [_info_json(info) for info in summary.steps],
+                "damaged": [{"step": step, "problem": problem} for step, problem in sorted(summary.problems.items())],
             }
         )
+        fail_on_problems(summary)
         return
-    if not infos:
-        click.echo(f"{store.path}: no checkpoints saved yet (add one with `fishckpt save`).")
+    if not summary.steps and not summary.problems:
+        click.echo(f"{catalog.location}: no checkpoints saved yet (add one with `fishckpt save`).")
         return
     rows = [
         [
@@ -55,13 +71,16 @@ def ls(store_path: Path, as_json: bool) -> None:
             utc_iso(info.created),
             human_bytes(info.bytes),
             format_ratio(compression_ratio(info.dense_bytes, info.bytes)),
-            f"{sum(info.changed_outside_mask.values()):,}",
+            f"{info.outside_mask_total:,}",
             _message(info) or "",
         ]
-        for info in infos
+        for info in summary.steps
     ]
+    rows += [[str(step), "DAMAGED", "-", "-", "-", "cannot be read (see below)"] for step in summary.problems]
+    rows.sort(key=lambda row: int(row[0]))
     headers = ["STEP", "TIME (UTC)", "BYTES", "RATIO", "OUTSIDE MASK", "MESSAGE"]
     click.echo(table(headers, rows, right=[True, False, True, True, True, False]))
+    fail_on_problems(summary)
 
 
 def _info_json(info: CheckpointInfo) -> dict[str, Any]:
@@ -71,51 +90,57 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
         "created_unix": info.created,
         "bytes": info.bytes,
         "dense_bytes": info.dense_bytes,
-        "ratio": json_number(compression_ratio(info.dense_bytes, info.bytes)),
-        "changed_outside_mask": sum(info.changed_outside_mask.values()),
+        "ratio": json_safe(compression_ratio(info.dense_bytes, info.bytes)),
+        "changed_outside_mask": info.outside_mask_total,
         "changed_outside_mask_by_tensor": dict(info.changed_outside_mask),
         "message": _message(info),
-        "metadata": info.metadata,
+        "metadata": json_safe(info.metadata),
     }
 
 
 @click.command()
 @store_argument
 @click.argument("steps", metavar="STEP...", nargs=-1, required=True, type=STEP)
-def rm(store_path: Path, steps: tuple[int, ...]) -> None:
+@wait_option
+def rm(store_path: Path, steps: tuple[int, ...], wait: float) -> None:
     """Delete the checkpoints STEP... from STORE.
 
     Other steps never depend on a deleted one. If any STEP is not saved,
     nothing is deleted.
     """
-    store = CheckpointStore.open(store_path)
+    from fishckpt import CheckpointStore
+
+    store = CheckpointStore.open(store_path, lock_timeout=wait)
     saved = set(store.steps)
     missing = [step for step in steps if step not in saved]
     if missing:
         raise click.ClickException(
-            f"{store.path}: step(s) {_listing(missing)} not in the store (saved: {_listing(sorted(saved))}); "
+            f"{store.location}: step(s) {_listing(missing)} not in the store (saved: {_listing(sorted(saved))}); "
             "nothing was deleted"
         )
     for step in dict.fromkeys(steps):
         store.delete(step)
-    click.echo(f"Deleted step(s) {_listing(list(dict.fromkeys(steps)))} from {store.path}.")
+    click.echo(f"Deleted step(s) {_listing(list(dict.fromkeys(steps)))} from {store.location}.")
 
 
 @click.command()
 @store_argument
 @click.option("--keep-last", type=click.IntRange(min=1), required=True, help="How many of the latest steps to keep.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
-def prune(store_path: Path, keep_last: int, dry_run: bool) -> None:
+@wait_option
+def prune(store_path: Path, keep_last: int, dry_run: bool, wait: float) -> None:
     """Delete all but the last N checkpoints of STORE (by step number).
 
     The base and the mask are kept. Use `--dry-run` to see what would go.
     """
-    store = CheckpointStore.open(store_path)
+    from fishckpt import CheckpointStore
+
+    store = CheckpointStore.open(store_path, lock_timeout=wait)
     saved = store.steps
     doomed = saved[: max(0, len(saved) - keep_last)]
     kept = saved[len(doomed) :]
     if not doomed:
-        click.echo(f"Nothing to delete: {store.path} has {len(saved)} step(s), keeping the last {keep_last}.")
+        click.echo(f"Nothing to delete: {store.location} has {len(saved)} step(s), keeping the last {keep_last}.")
         return
     if dry_run:
         click.echo(f"Would delete step(s) {_listing(doomed)}; would keep {_listing(kept)}.")

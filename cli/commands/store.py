@@ -1,4 +1,4 @@
-"""Commands that write: `init` a store, `save` a checkpoint file into it, `restore` one out of it."""
+"""Commands that write: `init` a store, `save` a checkpoint file into it, `restore` one out of it, `upgrade` it."""
 
 from __future__ import annotations
 
@@ -7,19 +7,11 @@ from pathlib import Path
 
 import click
 
-from fishckpt import (
-    CheckpointStore,
-    Mask,
-    MaskMismatchError,
-    OutsideMaskWarning,
-    StateMismatchError,
-    load_state_file,
-    save_state_file,
-)
+from fishckpt import MaskMismatchError, OutsideMaskWarning, StateMismatchError
 
 from .._files import FORMATS, format_for
 from .._format import compression_ratio, human_bytes, smaller_or_larger
-from .._options import PATH, STEP, check_output, force_option, store_argument
+from .._options import PATH, STEP, check_output, force_option, store_argument, wait_option
 
 
 @click.command()
@@ -27,13 +19,17 @@ from .._options import PATH, STEP, check_output, force_option, store_argument
 @click.option("--base", "base_file", type=PATH, required=True, help="Dense starting weights (safetensors or .pt/.bin).")
 @click.option("--mask", "mask_file", type=PATH, required=True, help="Mask file: fishckpt, or bool/0-1 tensors.")
 @click.option("--force", is_flag=True, help="Replace an existing fishckpt store at STORE (never any other folder).")
-def init(store_path: Path, base_file: Path, mask_file: Path, force: bool) -> None:
+@wait_option
+def init(store_path: Path, base_file: Path, mask_file: Path, force: bool, wait: float) -> None:
     """Create a store at STORE from a base checkpoint file and a mask.
 
     The base is stored once, densely; every later `save` stores only what the
     mask selects (plus anything that changed outside it). STORE must not exist
-    or be empty; `--force` replaces an existing fishckpt store, never another folder.
+    or be empty; `--force` replaces an existing fishckpt store, never another folder,
+    waiting for its writer lock first (a writer still using the old store then fails).
     """
+    from fishckpt import CheckpointStore, Mask, load_state_file
+
     if not force and CheckpointStore.is_store(store_path):
         raise click.ClickException(
             f"{store_path}: already a fishckpt store; pass --force to replace it (its checkpoints are deleted)"
@@ -41,11 +37,11 @@ def init(store_path: Path, base_file: Path, mask_file: Path, force: bool) -> Non
     mask = Mask.load(mask_file)
     state = load_state_file(base_file)
     try:
-        store = CheckpointStore.create(store_path, state, mask, overwrite=force)
+        store = CheckpointStore.create(store_path, state, mask, overwrite=force, lock_timeout=wait)
     except MaskMismatchError as error:
         raise click.ClickException(f"{mask_file} does not fit the base {base_file}: {error}") from error
     click.echo(
-        f"Created store {store.path}: {len(store.tensor_names)} tensors, {human_bytes(store.dense_bytes)} dense; "
+        f"Created store {store.location}: {len(store.tensor_names)} tensors, {human_bytes(store.dense_bytes)} dense; "
         f"the mask keeps {mask.k:,} of {mask.numel:,} entries ({mask.density:.2%})."
     )
 
@@ -58,7 +54,10 @@ def init(store_path: Path, base_file: Path, mask_file: Path, force: bool) -> Non
 @click.option("--strict", is_flag=True, help="Refuse (exit 1, write nothing) if entries outside the mask changed.")
 @click.option("--force", is_flag=True, help="Replace the checkpoint if STEP is already saved.")
 @click.option("--fast", is_flag=True, help="Read only the masked entries; changes outside the mask are not looked for.")
-def save(store_path: Path, file: Path, step: int, message: str | None, strict: bool, force: bool, fast: bool) -> None:
+@wait_option
+def save(
+    store_path: Path, file: Path, step: int, message: str | None, strict: bool, force: bool, fast: bool, wait: float
+) -> None:
     """Save the checkpoint FILE into STORE as step STEP, keeping only the masked values.
 
     FILE must have exactly the base's tensors, shapes and dtypes. Entries that
@@ -67,7 +66,9 @@ def save(store_path: Path, file: Path, step: int, message: str | None, strict: b
     """
     if strict and fast:
         raise click.UsageError("--strict needs the check of entries outside the mask that --fast skips; drop one")
-    store = CheckpointStore.open(store_path)
+    from fishckpt import CheckpointStore, load_state_file
+
+    store = CheckpointStore.open(store_path, lock_timeout=wait)
     if step in store.steps and not force:
         raise click.ClickException(f"{store_path}: step {step} is already saved; pass --force to replace it")
     state = load_state_file(file)
@@ -87,7 +88,7 @@ def save(store_path: Path, file: Path, step: int, message: str | None, strict: b
             warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
     ratio = compression_ratio(info.dense_bytes, info.bytes_written)
     click.echo(
-        f"Saved step {info.step} to {store.path}: {human_bytes(info.bytes_written)} written "
+        f"Saved step {info.step} to {store.location}: {human_bytes(info.bytes_written)} written "
         f"({info.bytes_written:,} bytes) for {human_bytes(info.dense_bytes)} dense ({smaller_or_larger(ratio)})."
     )
     if not info.checked_outside_mask:
@@ -95,7 +96,10 @@ def save(store_path: Path, file: Path, step: int, message: str | None, strict: b
     elif info.changed_outside_mask:
         total = sum(info.changed_outside_mask.values())
         tensors = len(info.changed_outside_mask)
-        click.echo(f"Changes outside the mask: {total:,} entries in {tensors} tensor(s), stored too.")
+        entries = f"{total:,} {'entry' if total == 1 else 'entries'}"
+        click.echo(
+            f"Changes outside the mask: {entries} in {tensors} {'tensor' if tensors == 1 else 'tensors'}, stored too."
+        )
     else:
         click.echo("Changes outside the mask: none.")
 
@@ -120,8 +124,29 @@ def restore(store_path: Path, step: int, out: Path, file_format: str | None, for
     are written as separate copies there; `--format pt` keeps them tied.
     """
     check_output(out, force=force)
+    from fishckpt import CheckpointStore, save_state_file
+
     store = CheckpointStore.open(store_path)
     state = store.load(step, verify=True)
     chosen = format_for(out, file_format)
     written = save_state_file(out, state, file_format=chosen, overwrite=force)
-    click.echo(f"Restored step {step} of {store.path} (verified) to {out}: {human_bytes(written)}, {chosen}.")
+    click.echo(f"Restored step {step} of {store.location} (verified) to {out}: {human_bytes(written)}, {chosen}.")
+
+
+@click.command()
+@store_argument
+@wait_option
+def upgrade(store_path: Path, wait: float) -> None:
+    """Rewrite a format 1 store (fishckpt 0.1) as format 2, so that it takes new steps.
+
+    Every step is decoded, rewritten, decoded again and compared bit for bit
+    before the store is swapped, atomically, under its writer lock; if anything
+    fails, the old store is left exactly as it was. Loading works on format 1 as is.
+    """
+    from fishckpt import CheckpointStore
+
+    store = CheckpointStore.upgrade(store_path, lock_timeout=wait)
+    click.echo(
+        f"Upgraded {store.location} to format {store.format_version}: {len(store.steps)} step(s) rewritten and "
+        "proved bit for bit."
+    )

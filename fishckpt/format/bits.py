@@ -10,6 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .codec import UINT_BY_WIDTH, Words
+
 # Integer word dtypes by width. Signed for 2/4/8 bytes because torch has no arithmetic on wide
 # unsigned types; callers treat the words as bit patterns only.
 WORD_DTYPE: dict[int, torch.dtype] = {
@@ -18,9 +20,6 @@ WORD_DTYPE: dict[int, torch.dtype] = {
     4: torch.int32,
     8: torch.int64,
 }
-UINT_BY_WIDTH: dict[int, type[np.unsignedinteger]] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-Words = npt.NDArray[np.unsignedinteger]
 
 
 def element_words(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,6 +40,9 @@ def word_view(tensor: torch.Tensor) -> torch.Tensor:
 
 def bytes_as_elements(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     """``element_words`` of a uint8 byte range that holds elements of ``itemsize`` bytes."""
+    if data.numel() == 0:  # an empty view may have a stride torch refuses to reinterpret
+        words = torch.empty(0, dtype=WORD_DTYPE[min(itemsize, 8)])
+        return words if itemsize <= 8 else words.reshape(0, itemsize // 8)
     if itemsize <= 8:
         return data.view(WORD_DTYPE[itemsize])
     return data.view(torch.int64).reshape(-1, itemsize // 8)

@@ -9,8 +9,9 @@ import numpy.typing as npt
 import zstandard
 
 from ..errors import FormatError, IntegrityError
-from .bits import UINT_BY_WIDTH, Words
 
+UINT_BY_WIDTH: dict[int, type[np.unsignedinteger]] = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+Words = npt.NDArray[np.unsignedinteger]
 _INT_BY_WIDTH: dict[int, type[np.signedinteger]] = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 

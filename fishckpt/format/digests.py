@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 DIGEST_BYTES = 16
 _TENSOR_DIGEST_TAG = b"fishckpt-tensor-v1\x00"
@@ -105,4 +107,38 @@ def tensor_digest(
     if positions is not None and changed_words is not None and count:
         hasher.update(positions.astype("<i8", copy=False).data)
         hasher.update(np.ascontiguousarray(changed_words).data)
+    return hasher.hexdigest()
+
+
+def masked_digest(base_values: npt.NDArray[np.uint8]) -> str:
+    """The base's bytes at the mask's indices, in value-stream order (format.md, "Manifest", masked_digest)."""
+    return of_pieces([b"fishckpt-masked-v2\x00", np.ascontiguousarray(base_values).data]).hex()
+
+
+def step_digest(
+    base: str,
+    mask: str,
+    values: npt.NDArray[np.uint8],
+    changes: Iterable[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.generic]]],
+) -> str:
+    """A v2 step's content digest (format.md, "Step digest"): what the step sets, given its base and mask.
+
+    Args:
+        base: The base digest (hex).
+        mask: The mask digest (hex).
+        values: Every masked value, in value-stream order, as bytes.
+        changes: For each tensor that differs from the base outside the mask, in manifest
+            order: its manifest position, the changed positions (ascending) and their words.
+    """
+    hasher = xxhash.xxh3_128(b"fishckpt-step-v2\x00")
+    hasher.update(bytes.fromhex(base))
+    hasher.update(bytes.fromhex(mask))
+    hasher.update(struct.pack("<Q", values.size))
+    hasher.update(np.ascontiguousarray(values).data)
+    listed = list(changes)
+    hasher.update(struct.pack("<Q", len(listed)))
+    for position, positions, words in listed:
+        hasher.update(struct.pack("<QQ", position, positions.size))
+        hasher.update(positions.astype("<i8", copy=False).data)
+        hasher.update(np.ascontiguousarray(words).data)
     return hasher.hexdigest()

@@ -1,12 +1,19 @@
-"""The explicit table of tensor dtypes fishckpt writes to disk (docs/format.md, "Dtypes")."""
+"""The explicit table of tensor dtypes fishckpt writes to disk (docs/format.md, "Dtypes").
+
+The table itself needs no torch, so reading headers (``fishckpt ls``) never imports it;
+the torch dtypes are looked up on first use.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -14,15 +21,13 @@ class DType:
     """One row of the on-disk dtype table.
 
     Attributes:
-        name: The name written to disk.
-        torch_dtype: The torch dtype it stands for.
+        name: The name written to disk (also torch's name for it).
         itemsize: Bytes per element.
         safetensors: safetensors' own name for it, or None where safetensors has none
             (such tensors are stored as raw U8 bytes).
     """
 
     name: str
-    torch_dtype: torch.dtype
     itemsize: int
     safetensors: str | None
 
@@ -31,55 +36,76 @@ class DType:
         """Width of the integer words an element is coded as (complex128 is two 8-byte words)."""
         return min(self.itemsize, 8)
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype it stands for."""
+        found = _torch_dtypes().get(self.name)
+        if found is None:
+            raise FormatError(f"dtype {self.name} needs a newer torch than this one")
+        return found
 
-# name, safetensors name; in this order, which is the order of docs/format.md's table.
+
+# name, itemsize, safetensors name; in the order of docs/format.md's table.
 _TABLE = (
-    ("float64", "F64"),
-    ("float32", "F32"),
-    ("float16", "F16"),
-    ("bfloat16", "BF16"),
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-    ("float8_e8m0fnu", None),
-    ("float4_e2m1fn_x2", None),
-    ("complex32", None),
-    ("complex64", "C64"),
-    ("complex128", None),
-    ("int8", "I8"),
-    ("int16", "I16"),
-    ("int32", "I32"),
-    ("int64", "I64"),
-    ("uint8", "U8"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-    ("bool", "BOOL"),
+    ("float64", 8, "F64"),
+    ("float32", 4, "F32"),
+    ("float16", 2, "F16"),
+    ("bfloat16", 2, "BF16"),
+    ("float8_e4m3fn", 1, "F8_E4M3"),
+    ("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),
+    ("float8_e5m2", 1, "F8_E5M2"),
+    ("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
+    ("float8_e8m0fnu", 1, None),
+    ("float4_e2m1fn_x2", 1, None),
+    ("complex32", 4, None),
+    ("complex64", 8, "C64"),
+    ("complex128", 16, None),
+    ("int8", 1, "I8"),
+    ("int16", 2, "I16"),
+    ("int32", 4, "I32"),
+    ("int64", 8, "I64"),
+    ("uint8", 1, "U8"),
+    ("uint16", 2, "U16"),
+    ("uint32", 4, "U32"),
+    ("uint64", 8, "U64"),
+    ("bool", 1, "BOOL"),
 )
 
+BY_NAME: dict[str, DType] = {name: DType(name, size, safetensors) for name, size, safetensors in _TABLE}
 
-def _rows() -> list[DType]:
-    rows = []
-    for name, safetensors_name in _TABLE:
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    found = {}
+    for name in BY_NAME:
         dtype = getattr(torch, name, None)
         if isinstance(dtype, torch.dtype):  # older torch lacks some float8 types
-            rows.append(DType(name, dtype, dtype.itemsize, safetensors_name))
-    return rows
+            assert dtype.itemsize == BY_NAME[name].itemsize, name
+            found[name] = dtype
+    return found
 
 
-BY_NAME: dict[str, DType] = {row.name: row for row in _rows()}
-_BY_TORCH: dict[torch.dtype, DType] = {row.torch_dtype: row for row in BY_NAME.values()}
+@functools.cache
+def _by_torch() -> dict[torch.dtype, DType]:
+    return {dtype: BY_NAME[name] for name, dtype in _torch_dtypes().items()}
 
-# safetensors' dtype names, for the torch dtypes it can hold natively.
-SAFETENSORS_DTYPE: dict[torch.dtype, str] = {
-    row.torch_dtype: row.safetensors for row in BY_NAME.values() if row.safetensors is not None
-}
+
+def supported_torch_dtypes() -> list[torch.dtype]:
+    """The torch dtypes this torch has of the table's, in table order."""
+    return list(_by_torch())
+
+
+def safetensors_name(dtype: torch.dtype) -> str | None:
+    """safetensors' name for a torch dtype it can hold natively, or None."""
+    row = _by_torch().get(dtype)
+    return None if row is None else row.safetensors
 
 
 def dtype_row(dtype: torch.dtype, *, key: str) -> DType:
     """Returns the table row of ``dtype``; ``key`` names the tensor in the error."""
-    row = _BY_TORCH.get(dtype)
+    row = _by_torch().get(dtype)
     if row is None:
         raise FormatError(
             f"tensor {key!r} has dtype {dtype}, which fishckpt cannot store; "

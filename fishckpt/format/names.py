@@ -4,29 +4,42 @@ from __future__ import annotations
 
 import re
 
-MANIFEST_NAME = "fishckpt.json"
+MANIFEST_V1 = "fishckpt.json"
+MANIFEST_V2 = "manifest.safetensors"
 BASE_NAME = "base.safetensors"
-MASK_NAME = "mask.fishmask"
+MASK_NAME_V1 = "mask.fishmask"
+MASK_NAME_V2 = "mask.safetensors"
 STEPS_DIR = "steps"
 LOCK_NAME = ".lock"
 
-_STEP_FILE = re.compile(r"^step-([0-9]+)\.fishckpt$")
+_STEP_SUFFIX = {1: ".fishckpt", 2: ".safetensors"}
+_STEP_FILE = {
+    version: re.compile(r"^step-([0-9]+)" + re.escape(suffix) + "$") for version, suffix in _STEP_SUFFIX.items()
+}
 
 
-def step_file_name(step: int) -> str:
+def manifest_name(version: int) -> str:
+    return MANIFEST_V1 if version == 1 else MANIFEST_V2
+
+
+def mask_name(version: int) -> str:
+    return MASK_NAME_V1 if version == 1 else MASK_NAME_V2
+
+
+def step_file_name(step: int, version: int = 2) -> str:
     """The one canonical name of step ``step``'s file."""
-    return f"step-{step:012d}.fishckpt"
+    return f"step-{step:012d}{_STEP_SUFFIX[version]}"
 
 
-def step_key(step: int) -> str:
+def step_key(step: int, version: int = 2) -> str:
     """The step file's name within the store."""
-    return f"{STEPS_DIR}/{step_file_name(step)}"
+    return f"{STEPS_DIR}/{step_file_name(step, version)}"
 
 
-def step_of(file_name: str) -> int | None:
+def step_of(file_name: str, version: int = 2) -> int | None:
     """The step a file name in ``steps/`` denotes, or None if it is not a canonical step file name."""
-    match = _STEP_FILE.match(file_name)
+    match = _STEP_FILE[version].match(file_name)
     if match is None:
         return None
     step = int(match.group(1))
-    return step if file_name == step_file_name(step) else None
+    return step if file_name == step_file_name(step, version) else None

@@ -12,10 +12,12 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import IntegrityError
+
+if TYPE_CHECKING:
+    import torch
 
 _LENGTH = struct.Struct("<Q")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit

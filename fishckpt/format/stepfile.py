@@ -1,62 +1,76 @@
-"""A step file's record as typed dataclasses, and its container (docs/format.md, "Checkpoint file")."""
+"""A step file's record as typed dataclasses, read from format v1 or v2 and written as v2 (docs/format.md).
+
+The store sees one ``StepRecord`` whatever the version; where the versions
+differ (v1 keeps a digest per tensor and numbers its sections, v2 keeps one
+digest per step and names them), the record says so and ``StepFile.section``
+takes either kind of key.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import FormatError
-from . import container
+from . import container, stfile
 from .codec import Section
+
+KIND = "step"
+SectionKey = int | str
 
 
 @dataclass(frozen=True)
 class ValueStream:
-    """The masked values of every tensor whose words are ``width`` bytes: ``width`` byte planes from ``first``."""
+    """The masked values of every tensor whose words are ``width`` bytes: one byte plane per section."""
 
     width: int
     count: int  # words in the stream
-    first: int  # index of its first section
+    sections: tuple[SectionKey, ...]
 
 
 @dataclass(frozen=True)
 class OutsideRecord:
     """A tensor's entries that differ from the base outside the mask.
 
-    ``sparse``: ``gap_width`` planes of positions, then the value planes.
-    ``dense``: the whole tensor's delta planes (``gap_width`` is 0).
+    ``sparse``: positions (``gap_width`` planes) and their values' delta planes.
+    ``dense``: the whole tensor's delta planes; ``gap_width`` is 0 and there are no positions.
     """
 
     name: str
     mode: str  # "sparse" or "dense"
     count: int  # entries changed outside the mask
     gap_width: int
-    first: int
-    sections: int
+    position_sections: tuple[SectionKey, ...]
+    value_sections: tuple[SectionKey, ...]
 
 
 @dataclass(frozen=True)
 class TrainingTensor:
-    """One tensor of the training state: its dtype name and shape, coded in ``count`` sections from ``first``."""
+    """One tensor of the training state: its dtype name and shape (v1: and its own sections)."""
 
     dtype: str
     shape: tuple[int, ...]
-    first: int
-    count: int
+    sections: tuple[SectionKey, ...] = ()
 
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    """Optimizer, scheduler and RNG state: a JSON tree whose tensors are listed in ``tensors``."""
+    """Optimizer, scheduler and RNG state: a JSON tree whose ``{"$tensor": i}`` leaves are ``tensors[i]``.
+
+    v2 codes the tensors' words as one stream per word width (``streams``), in tensor order.
+    """
 
     tree: Any
     tensors: list[TrainingTensor]
+    streams: list[ValueStream] = field(default_factory=list)
 
 
 @dataclass
 class StepRecord:
-    """Everything a step file's header says."""
+    """Everything a step file's header says, for either format version."""
 
+    version: int
     step: int
     created: float
     base_digest: str
@@ -64,76 +78,169 @@ class StepRecord:
     k: int
     values: list[ValueStream]
     outside: list[OutsideRecord]
-    digests: dict[str, str]
     metadata: dict[str, Any]
+    store_id: str | None = None  # v2
+    digest: str | None = None  # v2: the step digest
+    tensor_digests: dict[str, str] = field(default_factory=dict)  # v1: a digest per tensor
     training: TrainingRecord | None = None
-    section_lengths: list[int] = field(default_factory=list)  # stored bytes per section, as read
+    stored_bytes: int = 0
+    training_bytes: int = 0  # stored bytes of the training state, within stored_bytes
 
-    @property
-    def training_bytes(self) -> int:
-        """Stored bytes of the training state's sections."""
-        if self.training is None:
-            return 0
-        return sum(self.section_lengths[t.first + i] for t in self.training.tensors for i in range(t.count))
 
-    def to_header(self) -> dict[str, Any]:
-        header: dict[str, Any] = {
-            "kind": "checkpoint",
-            "step": self.step,
-            "created": self.created,
-            "base_digest": self.base_digest,
-            "mask_digest": self.mask_digest,
-            "k": self.k,
-            "values": [[v.width, v.count, v.first] for v in self.values],
-            "outside_mask": [[r.name, r.mode, r.count, r.gap_width, r.first, r.sections] for r in self.outside],
-            "digests": self.digests,
-            "metadata": self.metadata,
-        }
-        if self.training is not None:
-            header["training"] = {
-                "tree": self.training.tree,
-                "tensors": [[t.dtype, list(t.shape), t.first, t.count] for t in self.training.tensors],
-            }
-        return header
+class StepFile(Protocol):
+    """Sections of a checked step file, decoded on demand."""
 
-    @classmethod
-    def from_header(cls, header: dict[str, Any], *, where: str) -> StepRecord:
-        """Reads a checked container's header; anything malformed is a FormatError naming ``where``."""
-        if header.get("kind") != "checkpoint":
-            raise FormatError(f"{where}: not a checkpoint file (kind {header.get('kind')!r})")
-        try:
-            training = None
-            if header.get("training") is not None:
-                body = header["training"]
-                training = TrainingRecord(
-                    tree=body["tree"],
-                    tensors=[
-                        TrainingTensor(_str(d), tuple(_int(s) for s in shape), _int(first), _int(count))
-                        for d, shape, first, count in body["tensors"]
-                    ],
+    def section(self, key: Any) -> bytes: ...
+
+
+@dataclass
+class _V1Sections:
+    parsed: container.Container
+
+    def section(self, key: Any) -> bytes:
+        return self.parsed.section(int(key))
+
+
+# Reading ------------------------------------------------------------------------------------------
+
+
+def parse(data: bytes, *, where: str, sections: bool = True) -> tuple[StepRecord, StepFile]:
+    """Checks a whole step file of either version and reads its record.
+
+    Args:
+        data: The whole file.
+        where: Names the file in errors.
+        sections: Also check every section's digest now, and read the training tree.
+            ``False`` reads the record alone (what ``info`` needs); the header is checked either way.
+
+    Raises:
+        IntegrityError: The file is damaged or truncated.
+        FormatError: Not a step file, an unknown version, or a malformed record.
+    """
+    if data.startswith(container.CHECKPOINT_MAGIC):
+        parsed = container.parse(where, data, container.CHECKPOINT_MAGIC, what="checkpoint")
+        return _record_v1(parsed.header, where=where, stored=len(data)), _V1Sections(parsed)
+    file = stfile.read_whole(data, kind=KIND, where=where)
+    if sections:
+        file.check_all()
+    return _record_v2(file, training_tree=sections), file
+
+
+def _record_v2(file: stfile.File, *, training_tree: bool) -> StepRecord:
+    where, body = file.where, file.record
+    try:
+        values = [
+            ValueStream(_int(v["width"]), _int(v["count"]), _planes(f"values.w{_int(v['width'])}", _int(v["width"])))
+            for v in body["values"]
+        ]
+        outside = []
+        for number, entry in enumerate(body["outside"]):
+            gap_width, width = _int(entry["gap_width"]), _int(entry["width"])
+            outside.append(
+                OutsideRecord(
+                    name=_str(entry["tensor"]),
+                    mode=_str(entry["mode"]),
+                    count=_int(entry["count"]),
+                    gap_width=gap_width,
+                    position_sections=_planes(f"outside.{number}.positions", gap_width),
+                    value_sections=_planes(f"outside.{number}.values", width),
                 )
-            metadata = header.get("metadata") or {}
-            digests = header["digests"]
-            if not isinstance(metadata, dict) or not isinstance(digests, dict):
-                raise TypeError("metadata and digests must be objects")
-            return cls(
-                step=_int(header["step"]),
-                created=float(header["created"]),
-                base_digest=_str(header["base_digest"]),
-                mask_digest=_str(header["mask_digest"]),
-                k=_int(header["k"]),
-                values=[ValueStream(_int(w), _int(c), _int(f)) for w, c, f in header["values"]],
-                outside=[
-                    OutsideRecord(_str(n), _str(m), _int(c), _int(g), _int(f), _int(s))
-                    for n, m, c, g, f, s in header["outside_mask"]
-                ],
-                digests={str(name): str(value) for name, value in digests.items()},
-                metadata=metadata,
-                training=training,
-                section_lengths=[int(entry[1]) for entry in header["sections"]],
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise FormatError(f"{where}: malformed checkpoint header: {error!r}") from error
+        training = None
+        training_bytes = 0
+        if body.get("training") is not None:
+            streams = [
+                ValueStream(
+                    _int(s["width"]), _int(s["count"]), _planes(f"training.w{_int(s['width'])}", _int(s["width"]))
+                )
+                for s in body["training"]["streams"]
+            ]
+            table = json.loads(file.section("training.tree")) if training_tree else {"tree": None, "tensors": []}
+            training = TrainingRecord(
+                tree=table["tree"],
+                tensors=[TrainingTensor(_str(d), tuple(_int(s) for s in shape)) for d, shape in table["tensors"]],
+                streams=streams,
+            )
+            training_bytes = sum(file.stored_length(name) for name in file.names() if name.startswith("training."))
+        metadata = body["metadata"]
+        if not isinstance(metadata, dict):
+            raise TypeError("metadata must be an object")
+        return StepRecord(
+            version=2,
+            step=_int(body["step"]),
+            created=float(body["created"]),
+            base_digest=_str(body["base_digest"]),
+            mask_digest=_str(body["mask_digest"]),
+            k=_int(body["k"]),
+            values=values,
+            outside=outside,
+            metadata=metadata,
+            store_id=_str(body["store_id"]),
+            digest=_str(body["digest"]),
+            training=training,
+            stored_bytes=file.stored_bytes,
+            training_bytes=training_bytes,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(f"{where}: malformed step record: {error!r}") from error
+
+
+def _record_v1(header: dict[str, Any], *, where: str, stored: int) -> StepRecord:
+    if header.get("kind") != "checkpoint":
+        raise FormatError(f"{where}: not a checkpoint file (kind {header.get('kind')!r})")
+    try:
+        lengths = [int(entry[1]) for entry in header["sections"]]
+        training = None
+        training_bytes = 0
+        if header.get("training") is not None:
+            body = header["training"]
+            tensors = []
+            for dtype, shape, first, count in body["tensors"]:
+                keys = tuple(range(_int(first), _int(first) + _int(count)))
+                tensors.append(TrainingTensor(_str(dtype), tuple(_int(s) for s in shape), keys))
+                training_bytes += sum(lengths[key] for key in keys if 0 <= key < len(lengths))
+            training = TrainingRecord(tree=body["tree"], tensors=tensors)
+        metadata = header.get("metadata") or {}
+        digests = header["digests"]
+        if not isinstance(metadata, dict) or not isinstance(digests, dict):
+            raise TypeError("metadata and digests must be objects")
+        outside = []
+        for name, mode, count, gap_width, first, sections in header["outside_mask"]:
+            first, sections, gap_width = _int(first), _int(sections), _int(gap_width)
+            split = first + (gap_width if mode == "sparse" else 0)
+            outside.append(
+                OutsideRecord(
+                    name=_str(name),
+                    mode=_str(mode),
+                    count=_int(count),
+                    gap_width=gap_width,
+                    position_sections=tuple(range(first, split)),
+                    value_sections=tuple(range(split, first + sections)),
+                )
+            )
+        return StepRecord(
+            version=1,
+            step=_int(header["step"]),
+            created=float(header["created"]),
+            base_digest=_str(header["base_digest"]),
+            mask_digest=_str(header["mask_digest"]),
+            k=_int(header["k"]),
+            values=[
+                ValueStream(_int(w), _int(c), tuple(range(_int(f), _int(f) + _int(w)))) for w, c, f in header["values"]
+            ],
+            outside=outside,
+            metadata=metadata,
+            tensor_digests={str(name): str(value) for name, value in digests.items()},
+            training=training,
+            stored_bytes=stored,
+            training_bytes=training_bytes,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise FormatError(f"{where}: malformed checkpoint header: {error!r}") from error
+
+
+def _planes(prefix: str, width: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}.p{plane}" for plane in range(width))
 
 
 def _int(value: Any) -> int:
@@ -148,12 +255,63 @@ def _str(value: Any) -> str:
     return value
 
 
-def pack(record: StepRecord, sections: list[Section]) -> list[bytes]:
-    """A step file's bytes, as pieces for an atomic write."""
-    return container.pack(container.CHECKPOINT_MAGIC, record.to_header(), sections)
+# Writing (v2) -------------------------------------------------------------------------------------
 
 
-def parse(data: bytes, *, where: str) -> tuple[StepRecord, container.Container]:
-    """Checks a step file's bytes and reads its record; sections are decoded on demand from the container."""
-    parsed = container.parse(where, data, container.CHECKPOINT_MAGIC, what="checkpoint")
-    return StepRecord.from_header(parsed.header, where=where), parsed
+@dataclass
+class StepContent:
+    """What a v2 step file holds, before it is laid out: the record's fields and the coded planes."""
+
+    store_id: str
+    step: int
+    created: float
+    base_digest: str
+    mask_digest: str
+    k: int
+    digest: str
+    metadata: dict[str, Any]
+    values: list[tuple[int, int, list[Section]]]  # (width, word count, planes)
+    outside: list[tuple[str, str, int, int, int, list[Section], list[Section]]]
+    # (tensor, mode, count, gap width, word width, position planes, value planes)
+    training: tuple[Section, list[tuple[int, int, list[Section]]]] | None = None  # (tree JSON section, streams)
+
+    @property
+    def training_bytes(self) -> int:
+        """Stored bytes of the training state's sections."""
+        if self.training is None:
+            return 0
+        tree, streams = self.training
+        return len(tree.payload) + sum(len(plane.payload) for _, _, planes in streams for plane in planes)
+
+
+def pack(content: StepContent) -> list[bytes]:
+    """A v2 step file's bytes, as pieces for an atomic write."""
+    sections: list[tuple[str, Section]] = []
+    for width, _, planes in content.values:
+        sections.extend(zip(_planes(f"values.w{width}", width), planes, strict=True))
+    outside_records = []
+    for number, (name, mode, count, gap_width, width, positions, values) in enumerate(content.outside):
+        sections.extend(zip(_planes(f"outside.{number}.positions", gap_width), positions, strict=True))
+        sections.extend(zip(_planes(f"outside.{number}.values", width), values, strict=True))
+        outside_records.append({"tensor": name, "mode": mode, "count": count, "gap_width": gap_width, "width": width})
+    training = None
+    if content.training is not None:
+        tree, streams = content.training
+        sections.append(("training.tree", tree))
+        for width, _, planes in streams:
+            sections.extend(zip(_planes(f"training.w{width}", width), planes, strict=True))
+        training = {"streams": [{"width": width, "count": count} for width, count, _ in streams]}
+    record = {
+        "store_id": content.store_id,
+        "step": content.step,
+        "created": content.created,
+        "base_digest": content.base_digest,
+        "mask_digest": content.mask_digest,
+        "k": content.k,
+        "values": [{"width": width, "count": count} for width, count, _ in content.values],
+        "outside": outside_records,
+        "digest": content.digest,
+        "metadata": content.metadata,
+        "training": training,
+    }
+    return stfile.pack(KIND, record, sections)

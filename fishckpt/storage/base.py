@@ -15,7 +15,7 @@ create never clobbers a racing writer) and a *writer lock*.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
@@ -106,8 +106,8 @@ class Storage(abc.ABC):
         """Removes ``name``; ``FileNotFoundError`` if it is not there."""
 
     @abc.abstractmethod
-    def lock(self) -> AbstractContextManager[None]:
-        """Holds the store's writer lock, or raises StoreLockedError at once."""
+    def lock(self, *, timeout: float = 0.0) -> AbstractContextManager[None]:
+        """Holds the store's writer lock, waiting up to ``timeout`` seconds; then raises StoreLockedError."""
 
     def remove_stale_temps(self, folder: str) -> None:  # noqa: B027  # optional: not every backend has temps
         """Deletes what interrupted writes left in ``folder``. Call only while holding the lock."""
@@ -118,14 +118,24 @@ class Storage(abc.ABC):
     # The store's life cycle --------------------------------------------------------------------
 
     @abc.abstractmethod
-    def root_state(self, marker: str) -> RootState:
-        """What the location holds; ``marker`` is the name whose presence makes it a store."""
+    def root_state(self, markers: Collection[str], owned: Collection[str] = ()) -> RootState:
+        """What the location holds.
+
+        Args:
+            markers: Names whose presence makes it a store.
+            owned: Top-level names a store creates: a location holding only these (what an
+                interrupted create leaves) and temp files counts as EMPTY.
+        """
 
     @abc.abstractmethod
-    def new_root(self, *, replace: bool) -> AbstractContextManager[Storage]:
+    def new_root(
+        self, *, replace: bool, marker: str, owned: Collection[str] = (), timeout: float = 0.0
+    ) -> AbstractContextManager[Storage]:
         """A place to build a new store that appears at this location all at once when the block ends.
 
-        Yields the storage to write the new store into. If the block raises,
-        nothing of it remains. With ``replace``, the store at this location is
-        swapped out, under its writer lock.
+        Yields the storage to write the new store into; ``marker`` (its commit marker)
+        must be made visible last. If the block raises, nothing of it remains. With
+        ``replace``, the store at this location is swapped out under its writer lock
+        (waiting up to ``timeout`` seconds); otherwise anything ``root_state`` counted
+        as an interrupted create's leftovers (``owned`` names) is removed first.
         """

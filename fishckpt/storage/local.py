@@ -9,7 +9,8 @@ import mmap
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -84,23 +85,37 @@ def remove_stale_temps(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Holds an exclusive advisory lock on ``lock_path`` or raises StoreLockedError at once.
+def exclusive_lock(lock_path: Path, *, timeout: float = 0.0) -> Iterator[None]:
+    """Holds an exclusive advisory lock on ``lock_path``, waiting up to ``timeout`` seconds for it.
 
-    fcntl locks are released by the kernel when the holder dies, so a killed
-    writer never leaves the store locked.
+    The wait polls with a growing sleep (1 ms to 50 ms), so a waiting writer costs
+    nothing noticeable. fcntl locks are released by the kernel when the holder dies,
+    so a killed writer never leaves the store locked.
+
+    Raises:
+        StoreLockedError: Another process still held the lock when the time ran out.
     """
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLockedError(
-                    f"{lock_path.parent}: another process is writing to this store "
-                    f"(it holds {lock_path.name}); wait for it to finish, or save into another store"
-                ) from error
-            raise
+        deadline = time.monotonic() + max(0.0, timeout)
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = f" for {timeout:g} s" if timeout > 0 else ""
+                    raise StoreLockedError(
+                        f"{lock_path.parent}: another process is writing to this store (it holds "
+                        f"{lock_path.name}; waited{waited or ' not at all'}); wait for it to finish and retry, "
+                        "pass a longer lock_timeout (CLI: --wait), or save into another store"
+                    ) from error
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 0.05)
         try:
             yield
         finally:
@@ -114,6 +129,8 @@ class LocalStorage(Storage):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        if self.root.name in ("", ".", ".."):  # ".", "..", "/": name the folder itself
+            self.root = Path(os.path.abspath(self.root))
 
     @property
     def url(self) -> str:
@@ -168,8 +185,8 @@ class LocalStorage(Storage):
         path.unlink()
         fsync_dir(path.parent)
 
-    def lock(self) -> contextlib.AbstractContextManager[None]:
-        return exclusive_lock(self.root / LOCK_NAME)
+    def lock(self, *, timeout: float = 0.0) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.root / LOCK_NAME, timeout=timeout)
 
     def remove_stale_temps(self, folder: str) -> None:
         remove_stale_temps(self.root / folder)
@@ -181,38 +198,95 @@ class LocalStorage(Storage):
 
     # The store's life cycle --------------------------------------------------------------------
 
-    def root_state(self, marker: str) -> RootState:
-        if not self.root.exists():
-            return RootState.MISSING
-        if not self.root.is_dir():
+    def root_state(self, markers: Collection[str], owned: Collection[str] = ()) -> RootState:
+        root = self.root
+        if not root.exists():
+            return RootState.NOT_A_FOLDER if root.is_symlink() else RootState.MISSING
+        if not root.is_dir():
             return RootState.NOT_A_FOLDER
-        if (self.root / marker).is_file():
+        if any((root / marker).is_file() for marker in markers):
             return RootState.STORE
-        return RootState.OTHER if any(self.root.iterdir()) else RootState.EMPTY
+        leftovers = [entry for entry in root.iterdir() if not _interrupted_create(entry, owned)]
+        return RootState.OTHER if leftovers else RootState.EMPTY
 
     @contextlib.contextmanager
-    def new_root(self, *, replace: bool) -> Iterator[Storage]:
-        """Builds the new store in a hidden sibling folder, then renames it into place.
+    def new_root(
+        self, *, replace: bool, marker: str, owned: Collection[str] = (), timeout: float = 0.0
+    ) -> Iterator[Storage]:
+        """Builds the new store in a hidden sibling folder, then makes it appear whole.
 
-        An interrupted create therefore leaves nothing that looks like a store.
+        A missing target: the folder is renamed into place. An existing empty target
+        (one holding only an interrupted create's leftovers counts as empty): the
+        leftovers go, then the new files move in with ``marker`` last, so the folder
+        itself stays (a shell whose working directory it is keeps working). A store to
+        replace: under its writer lock, it is renamed away and the new folder into place.
+        A create killed at any point leaves no store, and its hidden folder is removed
+        by the next create of the same path.
         """
-        path = self.root
+        path = self.root.absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(path)
         staging = temp_path_for(path)
         staging.mkdir()
         try:
-            yield LocalStorage(staging)
-            fsync_dir(staging)
-            if replace:
-                retired = temp_path_for(path)
-                path.rename(retired)
-                staging.rename(path)
-                shutil.rmtree(retired)
-            else:
-                if path.exists():
-                    path.rmdir()  # an empty folder the caller made
-                staging.rename(path)
+            # Held while building: tells a create of the same path that this folder is not abandoned.
+            with exclusive_lock(staging / LOCK_NAME):
+                yield LocalStorage(staging)
+                fsync_dir(staging)
+                if replace:
+                    with exclusive_lock(path / LOCK_NAME, timeout=timeout):
+                        retired = temp_path_for(path)
+                        path.rename(retired)
+                        staging.rename(path)
+                    shutil.rmtree(retired)
+                elif path.is_dir():
+                    for entry in list(path.iterdir()):
+                        if _interrupted_create(entry, owned):
+                            _remove(entry)
+                    moved = sorted(
+                        (entry for entry in staging.iterdir() if entry.name != LOCK_NAME),
+                        key=lambda entry: entry.name == marker,  # the marker last
+                    )
+                    for entry in moved:
+                        entry.rename(path / entry.name)
+                    fsync_dir(path)
+                    (staging / LOCK_NAME).unlink()
+                    staging.rmdir()
+                else:
+                    staging.rename(path)
             fsync_dir(path.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def _interrupted_create(entry: Path, owned: Collection[str]) -> bool:
+    """Whether a folder entry is what a killed create or write leaves: a temp file, or an owned name.
+
+    An owned folder counts only if it is empty, so saved steps are never taken for leftovers.
+    """
+    if entry.name.startswith(TEMP_PREFIX) or entry.name == LOCK_NAME:
+        return True
+    if entry.name not in owned:
+        return False
+    return not entry.is_dir() or entry.is_symlink() or not any(entry.iterdir())
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _remove_abandoned_staging(path: Path) -> None:
+    """Removes hidden folders that creates of ``path`` left when killed: ones whose lock nobody holds."""
+    suffix = f"-{path.name}"
+    for entry in path.parent.iterdir():
+        if not (entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(suffix) and entry.is_dir()):
+            continue
+        try:
+            with exclusive_lock(entry / LOCK_NAME):
+                shutil.rmtree(entry)
+        except (StoreLockedError, FileNotFoundError, NotADirectoryError):
+            continue  # a create in progress, or gone already

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from ..errors import StoreLockedError
 from .base import ObjectInfo, Pieces, RootState, Storage
@@ -75,24 +75,28 @@ class MemoryStorage(Storage):
             del self._versions[name]
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        if not self._writer.acquire(blocking=False):
+    def lock(self, *, timeout: float = 0.0) -> Iterator[None]:
+        acquired = self._writer.acquire(timeout=timeout) if timeout > 0 else self._writer.acquire(blocking=False)
+        if not acquired:
             raise StoreLockedError(f"{self.url}: another writer holds this store's lock; wait for it to finish")
         try:
             yield
         finally:
             self._writer.release()
 
-    def root_state(self, marker: str) -> RootState:
+    def root_state(self, markers: Collection[str], owned: Collection[str] = ()) -> RootState:
         with self._guard:
-            if marker in self._objects:
+            if any(marker in self._objects for marker in markers):
                 return RootState.STORE
-            return RootState.OTHER if self._objects else RootState.EMPTY
+            leftovers = [name for name in self._objects if name.split("/")[0] not in owned]
+            return RootState.OTHER if leftovers else RootState.EMPTY
 
     @contextlib.contextmanager
-    def new_root(self, *, replace: bool) -> Iterator[Storage]:
+    def new_root(
+        self, *, replace: bool, marker: str, owned: Collection[str] = (), timeout: float = 0.0
+    ) -> Iterator[Storage]:
         staging = MemoryStorage(self._name)
         yield staging
-        with self.lock() if replace else contextlib.nullcontext(), self._guard:
+        with self.lock(timeout=timeout) if replace else contextlib.nullcontext(), self._guard:
             self._objects = dict(staging._objects)
             self._versions = dict(staging._versions)

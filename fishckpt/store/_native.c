@@ -1,14 +1,17 @@
-/* fishckpt.store._native: the exact check's inner loop in C, with the GIL released.
+/* fishckpt.store._native: the store's inner loops in C, over many tensors per call, with the GIL released.
  *
  * The exact check at save must prove that nothing outside the mask changed. A
  * tensor passes when every hashing chunk of it, with its masked entries reset to
  * the base's values, has the base chunk's XXH3-128 digest (docs/exactness.md).
- * The Python fallback (fishckpt/_scan.py) copies each 4 MiB chunk into a scratch
- * buffer to reset those entries, then hashes it; the xxhash module holds the GIL,
- * so two threads cannot overlap. Here the state is streamed once in small blocks:
- * a block without masked entries is hashed where it lies, and a block with some
- * is copied to the stack, its masked entries are swapped for the base's (saving
- * the state's values, so the gather is free), and hashed from there.
+ * The Python fallback (fishckpt/store/scan.py) copies each 4 MiB chunk into a
+ * scratch buffer to reset those entries, then hashes it; the xxhash module holds
+ * the GIL, so two threads cannot overlap. Here the state is streamed once in small
+ * blocks: a block without masked entries is hashed where it lies, and a block with
+ * some is copied to the stack, its masked entries are swapped for the base's
+ * (saving the state's values, so the gather is free), and hashed from there.
+ *
+ * The other functions gather and scatter masked entries and copy the base while
+ * hashing it, for every tensor of a state in one call (fishckpt/store/batch.py).
  *
  * Digests are byte-for-byte the ones the base file records, so the on-disk
  * format does not depend on whether this module was built.
@@ -41,147 +44,400 @@ static inline void swap_element(unsigned char *slot, unsigned char *saved, const
     }
 }
 
-static inline int64_t read_index(const unsigned char *indices, Py_ssize_t j) {
-    int64_t value;
-    memcpy(&value, indices + j * 8, 8); /* the buffer need not be 8-byte aligned */
-    return value;
+/* ---------------------------------------------------------------------------------------------
+ * Table functions: one call works through many tensors, so a state of tens of thousands of
+ * small tensors costs one Python call instead of one per tensor (docs/architecture.md, "Scale").
+ *
+ * A table is a set of numpy arrays, one row per tensor: raw data addresses (uint64), element
+ * counts and sizes (int64), and a concatenated index with per-row start offsets. The caller
+ * (fishckpt/store/batch.py) builds them from live, contiguous CPU tensors and keeps every tensor
+ * alive for the call. Each function works on rows [first, last), so two threads can take halves.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    Py_buffer data, numels, itemsizes, index_starts, index, values; /* values: per-row value addresses */
+    Py_ssize_t rows;
+} table_args;
+
+static const uint64_t *u64(const Py_buffer *b) { return (const uint64_t *)b->buf; }
+static const int64_t *i64(const Py_buffer *b) { return (const int64_t *)b->buf; }
+
+/* Checks the shapes of a table's arrays and the rows [first, last); sets ValueError and returns -1 if wrong. */
+static int check_table(const char *name, const table_args *a, Py_ssize_t first, Py_ssize_t last) {
+    const Py_ssize_t rows = a->data.len / 8;
+    if (a->data.len % 8 || a->numels.len != rows * 8 || a->itemsizes.len != rows * 8 ||
+        a->index_starts.len != (rows + 1) * 8 || a->index.len % 8 || a->values.len != rows * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: table arrays disagree in length", name);
+        return -1;
+    }
+    if (first < 0 || last < first || last > rows) {
+        PyErr_Format(PyExc_ValueError, "%s: rows [%zd, %zd) outside the table's %zd", name, first, last, rows);
+        return -1;
+    }
+    const int64_t *starts = i64(&a->index_starts);
+    const int64_t k = a->index.len / 8;
+    for (Py_ssize_t t = first; t < last; t++) {
+        const int64_t size = i64(&a->itemsizes)[t];
+        if (size < 1 || size > 16 || i64(&a->numels)[t] < 0 || starts[t] < 0 || starts[t + 1] < starts[t] ||
+            starts[t + 1] > k) {
+            PyErr_Format(PyExc_ValueError, "%s: row %zd has an invalid size, count or index range", name, t);
+            return -1;
+        }
+    }
+    return 0;
 }
 
-PyDoc_STRVAR(masked_scan_doc,
-"masked_scan(data, itemsize, chunk_elements, index, base_values, values, chunk_digests, /) -> list[int]\n"
-"\n"
-"Digests each chunk of a tensor with its masked entries reset to the base.\n"
-"\n"
-"data: the tensor's bytes, C-contiguous. itemsize: bytes per element (1 to 16).\n"
-"chunk_elements: elements per hashing chunk. index: int64 flat positions of the\n"
-"masked elements, strictly increasing and below numel. base_values: the base's\n"
-"element at each position (itemsize bytes each). values: writable, receives the\n"
-"state's element at each position. chunk_digests: the base's canonical XXH3-128\n"
-"digest of each chunk (16 bytes each; an empty tensor has one chunk).\n"
-"\n"
-"Returns the numbers of the chunks whose digest differs, in increasing order.\n"
-"Raises ValueError for inconsistent sizes or an invalid index.");
+static void release_table(table_args *a) {
+    PyBuffer_Release(&a->data);
+    PyBuffer_Release(&a->numels);
+    PyBuffer_Release(&a->itemsizes);
+    PyBuffer_Release(&a->index_starts);
+    PyBuffer_Release(&a->index);
+    PyBuffer_Release(&a->values);
+}
 
-static PyObject *masked_scan(PyObject *module, PyObject *args) {
-    (void)module;
-    Py_buffer data, index, base_values, values, chunk_digests;
-    Py_ssize_t itemsize, chunk_elements;
-    if (!PyArg_ParseTuple(args, "y*nny*y*w*y*:masked_scan", &data, &itemsize, &chunk_elements, &index,
-                          &base_values, &values, &chunk_digests)) {
+/* Moves the masked elements of rows [first, last) between the tensors and their value buffers.
+ * Returns the row of the first index out of order or out of range, or -1. */
+static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t last, int to_tensor) {
+    const int64_t *starts = i64(&a->index_starts);
+    const int64_t *index = i64(&a->index);
+    for (Py_ssize_t t = first; t < last; t++) {
+        const size_t size = (size_t)i64(&a->itemsizes)[t];
+        const int64_t numel = i64(&a->numels)[t];
+        unsigned char *tensor = (unsigned char *)(uintptr_t)u64(&a->data)[t];
+        unsigned char *values = (unsigned char *)(uintptr_t)u64(&a->values)[t];
+        int64_t previous = -1;
+        if (tensor == NULL) {
+            continue; /* a row the caller handles itself */
+        }
+        for (int64_t j = starts[t]; j < starts[t + 1]; j++) {
+            const int64_t position = index[j];
+            if (position <= previous || position >= numel) {
+                return t;
+            }
+            previous = position;
+            unsigned char *element = tensor + (size_t)position * size;
+            if (to_tensor) {
+                memcpy(element, values, size);
+            } else {
+                memcpy(values, element, size);
+            }
+            values += size;
+        }
+    }
+    return -1;
+}
+
+static PyObject *move_table(PyObject *args, const char *format, const char *name, int to_tensor) {
+    table_args a;
+    Py_ssize_t first, last;
+    if (!PyArg_ParseTuple(args, format, &first, &last, &a.data, &a.numels, &a.itemsizes, &a.index_starts, &a.index,
+                          &a.values)) {
         return NULL;
     }
     PyObject *result = NULL;
-    unsigned char *differs = NULL;
+    if (check_table(name, &a, first, last) == 0) {
+        Py_ssize_t bad;
+        Py_BEGIN_ALLOW_THREADS
+        bad = move_masked(&a, first, last, to_tensor);
+        Py_END_ALLOW_THREADS
+        if (bad >= 0) {
+            PyErr_Format(PyExc_ValueError, "%s: row %zd has an index out of order or out of range", name, bad);
+        } else {
+            result = Py_NewRef(Py_None);
+        }
+    }
+    release_table(&a);
+    return result;
+}
 
-    if (itemsize < 1 || itemsize > 16 || chunk_elements < 1) {
-        PyErr_Format(PyExc_ValueError, "masked_scan: itemsize %zd must be 1 to 16 and chunk_elements %zd at least 1",
-                     itemsize, chunk_elements);
-        goto release;
-    }
-    if (data.len % itemsize != 0 || index.len % 8 != 0) {
-        PyErr_SetString(PyExc_ValueError, "masked_scan: data or index length is not a whole number of elements");
-        goto release;
-    }
-    const Py_ssize_t numel = data.len / itemsize;
-    const Py_ssize_t k = index.len / 8;
-    const Py_ssize_t chunks = numel == 0 ? 1 : (numel - 1) / chunk_elements + 1;
-    if (base_values.len != k * itemsize || values.len != k * itemsize || chunk_digests.len != chunks * DIGEST_BYTES) {
-        PyErr_Format(PyExc_ValueError,
-                     "masked_scan: %zd masked elements of %zd bytes and %zd chunks need base_values and values of "
-                     "%zd bytes and %zd digest bytes; got %zd, %zd and %zd",
-                     k, itemsize, chunks, k * itemsize, chunks * DIGEST_BYTES, base_values.len, values.len,
-                     chunk_digests.len);
-        goto release;
-    }
-    differs = PyMem_Calloc((size_t)chunks, 1);
-    if (differs == NULL) {
-        PyErr_NoMemory();
-        goto release;
-    }
+PyDoc_STRVAR(gather_table_doc,
+"gather_table(first, last, data, numels, itemsizes, index_starts, index, values, /) -> None\n"
+"\n"
+"For each row t in [first, last): copies the elements of tensor data[t] at index[index_starts[t]:\n"
+"index_starts[t+1]] (strictly increasing, below numels[t]) to the buffer at values[t], in order.\n"
+"data and values hold raw addresses (uint64; a row whose data is 0 is skipped); the rest are int64.\n"
+"Runs without the GIL.");
 
-    const unsigned char *source = data.buf;
-    const unsigned char *indices = index.buf;
-    const unsigned char *base = base_values.buf;
-    unsigned char *saved = values.buf;
-    const unsigned char *expected = chunk_digests.buf;
-    const Py_ssize_t block_elements = BLOCK_BYTES / itemsize;
-    Py_ssize_t bad_position = -1; /* the j of the first index that is out of order or out of range */
+static PyObject *gather_table(PyObject *module, PyObject *args) {
+    (void)module;
+    return move_table(args, "nny*y*y*y*y*y*:gather_table", "gather_table", 0);
+}
+
+PyDoc_STRVAR(scatter_table_doc,
+"scatter_table(first, last, data, numels, itemsizes, index_starts, index, values, /) -> None\n"
+"\n"
+"The inverse of gather_table: writes the buffer at values[t] into tensor data[t] at its index.");
+
+static PyObject *scatter_table(PyObject *module, PyObject *args) {
+    (void)module;
+    return move_table(args, "nny*y*y*y*y*y*:scatter_table", "scatter_table", 1);
+}
+
+/* Appends (row, chunk) to a growing list of pairs; returns -1 when memory runs out. */
+typedef struct {
+    Py_ssize_t *pairs;
+    Py_ssize_t count, capacity;
+} pair_list;
+
+static int add_pair(pair_list *list, Py_ssize_t row, Py_ssize_t chunk) {
+    if (list->count == list->capacity) {
+        Py_ssize_t capacity = list->capacity ? 2 * list->capacity : 64;
+        Py_ssize_t *grown = PyMem_RawRealloc(list->pairs, (size_t)capacity * 2 * sizeof(Py_ssize_t));
+        if (grown == NULL) {
+            return -1;
+        }
+        list->pairs = grown;
+        list->capacity = capacity;
+    }
+    list->pairs[2 * list->count] = row;
+    list->pairs[2 * list->count + 1] = chunk;
+    list->count++;
+    return 0;
+}
+
+static PyObject *pairs_to_list(pair_list *list) {
+    PyObject *result = PyList_New(list->count);
+    for (Py_ssize_t i = 0; result != NULL && i < list->count; i++) {
+        PyObject *pair = Py_BuildValue("(nn)", list->pairs[2 * i], list->pairs[2 * i + 1]);
+        if (pair == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, i, pair);
+    }
+    return result;
+}
+
+static int digest_matches(XXH3_state_t *state, const unsigned char *expected) {
+    XXH128_canonical_t digest;
+    XXH128_canonicalFromHash(&digest, XXH3_128bits_digest(state));
+    return memcmp(digest.digest, expected, DIGEST_BYTES) == 0;
+}
+
+PyDoc_STRVAR(scan_table_doc,
+"scan_table(first, last, data, numels, itemsizes, index_starts, index, values, base_values,\n"
+"           chunk_elements, digest_starts, digests, /) -> list[tuple[int, int]]\n"
+"\n"
+"masked_scan for every row t in [first, last) of a table: hashes each chunk of tensor data[t]\n"
+"(chunk_elements[t] elements) with its masked elements reset to those at base_values[t], gathers\n"
+"the tensor's own masked elements to values[t], and compares with digests[digest_starts[t]:\n"
+"digest_starts[t+1]] (16 bytes each). Returns the (row, chunk) pairs that differ. No GIL.");
+
+static PyObject *scan_table(PyObject *module, PyObject *args) {
+    (void)module;
+    table_args a;
+    Py_buffer base_values, chunk_elements, digest_starts, chunk_digests;
+    Py_ssize_t first, last;
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*y*y*y*y*:scan_table", &first, &last, &a.data, &a.numels,
+                          &a.itemsizes, &a.index_starts, &a.index, &a.values, &base_values, &chunk_elements,
+                          &digest_starts, &chunk_digests)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    pair_list differing = {NULL, 0, 0};
+    Py_ssize_t bad_row = -1, oom = 0;
+    if (check_table("scan_table", &a, first, last) < 0) {
+        goto release;
+    }
+    const Py_ssize_t rows = a.data.len / 8;
+    if (base_values.len != rows * 8 || chunk_elements.len != rows * 8 || digest_starts.len != (rows + 1) * 8) {
+        PyErr_SetString(PyExc_ValueError, "scan_table: table arrays disagree in length");
+        goto release;
+    }
+    for (Py_ssize_t t = first; t < last; t++) {
+        const int64_t per = i64(&chunk_elements)[t], numel = i64(&a.numels)[t];
+        const int64_t chunks = numel == 0 ? 1 : (numel - 1) / (per > 0 ? per : 1) + 1;
+        const int64_t d0 = i64(&digest_starts)[t], d1 = i64(&digest_starts)[t + 1];
+        if (per < 1 || d0 < 0 || d1 - d0 != chunks || d1 * DIGEST_BYTES > chunk_digests.len) {
+            PyErr_Format(PyExc_ValueError, "scan_table: row %zd has an invalid chunk layout", t);
+            goto release;
+        }
+    }
 
     Py_BEGIN_ALLOW_THREADS
     XXH3_state_t state;
     unsigned char block[BLOCK_BYTES];
-    Py_ssize_t j = 0;
-    int64_t previous = -1;
-    for (Py_ssize_t chunk = 0; chunk < chunks && bad_position < 0; chunk++) {
-        const Py_ssize_t start = chunk * chunk_elements;
-        const Py_ssize_t stop = numel - start < chunk_elements ? numel : start + chunk_elements;
-        XXH3_128bits_reset(&state);
-        for (Py_ssize_t low = start; low < stop && bad_position < 0;) {
-            const Py_ssize_t high = stop - low < block_elements ? stop : low + block_elements;
-            const size_t nbytes = (size_t)(high - low) * (size_t)itemsize;
-            if (j < k && read_index(indices, j) < high) {
-                memcpy(block, source + low * itemsize, nbytes);
-                for (int64_t position; j < k && (position = read_index(indices, j)) < high; j++) {
-                    if (position <= previous || position < low) {
-                        bad_position = j;
-                        break;
-                    }
-                    swap_element(block + (position - low) * itemsize, saved + j * itemsize, base + j * itemsize,
-                                 itemsize);
-                    previous = position;
-                }
-                XXH3_128bits_update(&state, block, nbytes);
-            } else {
-                XXH3_128bits_update(&state, source + low * itemsize, nbytes);
-            }
-            low = high;
+    const int64_t *starts = i64(&a.index_starts);
+    const int64_t *index = i64(&a.index);
+    for (Py_ssize_t t = first; t < last && bad_row < 0 && !oom; t++) {
+        const Py_ssize_t itemsize = (Py_ssize_t)i64(&a.itemsizes)[t];
+        const int64_t numel = i64(&a.numels)[t], per = i64(&chunk_elements)[t];
+        const int64_t chunks = numel == 0 ? 1 : (numel - 1) / per + 1;
+        const unsigned char *source = (const unsigned char *)(uintptr_t)u64(&a.data)[t];
+        if (source == NULL) {
+            continue; /* a row the caller handles itself */
         }
-        XXH128_canonical_t digest;
-        XXH128_canonicalFromHash(&digest, XXH3_128bits_digest(&state));
-        differs[chunk] = memcmp(digest.digest, expected + chunk * DIGEST_BYTES, DIGEST_BYTES) != 0;
-    }
-    if (bad_position < 0 && j < k) {
-        bad_position = j; /* positions at or beyond numel were never reached */
+        unsigned char *saved = (unsigned char *)(uintptr_t)u64(&a.values)[t];
+        const unsigned char *base = (const unsigned char *)(uintptr_t)u64(&base_values)[t];
+        const unsigned char *expected = (const unsigned char *)chunk_digests.buf + i64(&digest_starts)[t] * DIGEST_BYTES;
+        const Py_ssize_t block_elements = BLOCK_BYTES / itemsize;
+        int64_t j = starts[t], previous = -1;
+        const int64_t k_end = starts[t + 1];
+        for (int64_t chunk = 0; chunk < chunks && bad_row < 0; chunk++) {
+            const int64_t start = chunk * per;
+            const int64_t stop = numel - start < per ? numel : start + per;
+            XXH3_128bits_reset(&state);
+            for (int64_t low = start; low < stop && bad_row < 0;) {
+                const int64_t high = stop - low < block_elements ? stop : low + block_elements;
+                const size_t nbytes = (size_t)(high - low) * (size_t)itemsize;
+                if (j < k_end && index[j] < high) {
+                    memcpy(block, source + low * itemsize, nbytes);
+                    for (; j < k_end && index[j] < high; j++) {
+                        const int64_t position = index[j];
+                        if (position <= previous || position < low) {
+                            bad_row = t;
+                            break;
+                        }
+                        swap_element(block + (position - low) * itemsize, saved, base, itemsize);
+                        saved += itemsize;
+                        base += itemsize;
+                        previous = position;
+                    }
+                    XXH3_128bits_update(&state, block, nbytes);
+                } else {
+                    XXH3_128bits_update(&state, source + low * itemsize, nbytes);
+                }
+                low = high;
+            }
+            if (bad_row < 0 && !digest_matches(&state, expected + chunk * DIGEST_BYTES) && add_pair(&differing, t, chunk) < 0) {
+                oom = 1;
+                break;
+            }
+        }
+        if (bad_row < 0 && j < k_end) {
+            bad_row = t; /* positions at or beyond numel were never reached */
+        }
     }
     Py_END_ALLOW_THREADS
 
-    if (bad_position >= 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "masked_scan: index[%zd] = %lld is not strictly increasing or not below numel %zd",
-                     bad_position, (long long)read_index(indices, bad_position), numel);
+    if (oom) {
+        PyErr_NoMemory();
+    } else if (bad_row >= 0) {
+        PyErr_Format(PyExc_ValueError, "scan_table: row %zd has an index out of order or out of range", bad_row);
+    } else {
+        result = pairs_to_list(&differing);
+    }
+release:
+    PyMem_RawFree(differing.pairs);
+    release_table(&a);
+    PyBuffer_Release(&base_values);
+    PyBuffer_Release(&chunk_elements);
+    PyBuffer_Release(&digest_starts);
+    PyBuffer_Release(&chunk_digests);
+    return result;
+}
+
+/* Copy blocks small enough to be hashed while still in cache, large enough for memcpy's fast paths. */
+#define COPY_BLOCK_BYTES (256 * 1024)
+
+PyDoc_STRVAR(copy_check_doc,
+"copy_check(first, last, targets, sources, nbytes, chunk_bytes, digest_starts, digests, verify, /)\n"
+"    -> list[tuple[int, int]]\n"
+"\n"
+"For each row t in [first, last) whose source is not 0: copies nbytes[t] bytes from sources[t] to\n"
+"targets[t] (if targets[t] is not 0) and, if verify, hashes each chunk of chunk_bytes[t] bytes of\n"
+"what was copied (of the source when there is no target), comparing with digests[digest_starts[t]:].\n"
+"Returns (row, first failing chunk) for each row that fails. Runs without the GIL.");
+
+static PyObject *copy_check(PyObject *module, PyObject *args) {
+    (void)module;
+    Py_ssize_t first, last;
+    Py_buffer targets, sources, nbytes, chunk_bytes, digest_starts, chunk_digests;
+    int verify;
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*p:copy_check", &first, &last, &targets, &sources, &nbytes,
+                          &chunk_bytes, &digest_starts, &chunk_digests, &verify)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    pair_list failing = {NULL, 0, 0};
+    int oom = 0;
+    const Py_ssize_t rows = sources.len / 8;
+    if (sources.len % 8 || targets.len != rows * 8 || nbytes.len != rows * 8 || chunk_bytes.len != rows * 8 ||
+        digest_starts.len != (rows + 1) * 8 || first < 0 || last < first || last > rows) {
+        PyErr_SetString(PyExc_ValueError, "copy_check: table arrays disagree in length, or rows out of range");
         goto release;
     }
-    result = PyList_New(0);
-    for (Py_ssize_t chunk = 0; result != NULL && chunk < chunks; chunk++) {
-        if (!differs[chunk]) {
+    for (Py_ssize_t t = first; t < last; t++) {
+        const int64_t size = i64(&nbytes)[t], per = i64(&chunk_bytes)[t];
+        const int64_t d0 = i64(&digest_starts)[t], d1 = i64(&digest_starts)[t + 1];
+        const int64_t chunks = size == 0 ? 1 : (size - 1) / (per > 0 ? per : 1) + 1;
+        if (size < 0 || per < 1 || d0 < 0 || d1 - d0 != chunks || d1 * DIGEST_BYTES > chunk_digests.len) {
+            PyErr_Format(PyExc_ValueError, "copy_check: row %zd has an invalid chunk layout", t);
+            goto release;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    XXH3_state_t state;
+    for (Py_ssize_t t = first; t < last && !oom; t++) {
+        const int64_t size = i64(&nbytes)[t], per = i64(&chunk_bytes)[t];
+        const unsigned char *source = (const unsigned char *)(uintptr_t)u64(&sources)[t];
+        unsigned char *target = (unsigned char *)(uintptr_t)u64(&targets)[t];
+        if (source == NULL) {
+            continue; /* a row the caller handles itself */
+        }
+        if (!verify) {
+            if (target != NULL && size > 0) {
+                memcpy(target, source, (size_t)size);
+            }
             continue;
         }
-        PyObject *number = PyLong_FromSsize_t(chunk);
-        if (number == NULL || PyList_Append(result, number) < 0) {
-            Py_CLEAR(result);
+        const unsigned char *expected = (const unsigned char *)chunk_digests.buf + i64(&digest_starts)[t] * DIGEST_BYTES;
+        const int64_t chunks = size == 0 ? 1 : (size - 1) / per + 1;
+        for (int64_t chunk = 0; chunk < chunks; chunk++) {
+            const int64_t start = chunk * per;
+            const int64_t stop = size - start < per ? size : start + per;
+            XXH3_128bits_reset(&state);
+            for (int64_t low = start; low < stop;) {
+                const int64_t high = stop - low < COPY_BLOCK_BYTES ? stop : low + COPY_BLOCK_BYTES;
+                if (target != NULL) {
+                    memcpy(target + low, source + low, (size_t)(high - low));
+                    XXH3_128bits_update(&state, target + low, (size_t)(high - low));
+                } else {
+                    XXH3_128bits_update(&state, source + low, (size_t)(high - low));
+                }
+                low = high;
+            }
+            if (!digest_matches(&state, expected + chunk * DIGEST_BYTES)) {
+                if (add_pair(&failing, t, chunk) < 0) {
+                    oom = 1;
+                }
+                if (target != NULL && stop < size) { /* finish the copy; the caller raises anyway */
+                    memcpy(target + stop, source + stop, (size_t)(size - stop));
+                }
+                break;
+            }
         }
-        Py_XDECREF(number);
     }
-
+    Py_END_ALLOW_THREADS
+    if (oom) {
+        PyErr_NoMemory();
+    } else {
+        result = pairs_to_list(&failing);
+    }
 release:
-    PyMem_Free(differs);
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&index);
-    PyBuffer_Release(&base_values);
-    PyBuffer_Release(&values);
+    PyMem_RawFree(failing.pairs);
+    PyBuffer_Release(&targets);
+    PyBuffer_Release(&sources);
+    PyBuffer_Release(&nbytes);
+    PyBuffer_Release(&chunk_bytes);
+    PyBuffer_Release(&digest_starts);
     PyBuffer_Release(&chunk_digests);
     return result;
 }
 
 static PyMethodDef native_methods[] = {
-    {"masked_scan", masked_scan, METH_VARARGS, masked_scan_doc},
+    {"scan_table", scan_table, METH_VARARGS, scan_table_doc},
+    {"gather_table", gather_table, METH_VARARGS, gather_table_doc},
+    {"scatter_table", scatter_table, METH_VARARGS, scatter_table_doc},
+    {"copy_check", copy_check, METH_VARARGS, copy_check_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "fishckpt.store._native",
-    .m_doc = "The exact check's chunk scan in C (see fishckpt/_scan.py for the pure-Python equivalent).",
+    .m_doc = "The store's inner loops in C (see fishckpt/store/batch.py and scan.py for the pure-Python equivalents).",
     .m_size = 0,
     .m_methods = native_methods,
 };

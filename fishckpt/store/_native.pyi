@@ -1,14 +1,53 @@
-"""Type stub of the optional C extension fishckpt/_native.c (see fishckpt/_scan.py)."""
+"""Type stub of the optional C extension fishckpt/store/_native.c (see fishckpt/store/batch.py)."""
 
 from typing_extensions import Buffer
 
-def masked_scan(
+def gather_table(
+    first: int,
+    last: int,
     data: Buffer,
-    itemsize: int,
-    chunk_elements: int,
+    numels: Buffer,
+    itemsizes: Buffer,
+    index_starts: Buffer,
     index: Buffer,
-    base_values: Buffer,
     values: Buffer,
-    chunk_digests: Buffer,
     /,
-) -> list[int]: ...
+) -> None: ...
+def scatter_table(
+    first: int,
+    last: int,
+    data: Buffer,
+    numels: Buffer,
+    itemsizes: Buffer,
+    index_starts: Buffer,
+    index: Buffer,
+    values: Buffer,
+    /,
+) -> None: ...
+def scan_table(
+    first: int,
+    last: int,
+    data: Buffer,
+    numels: Buffer,
+    itemsizes: Buffer,
+    index_starts: Buffer,
+    index: Buffer,
+    values: Buffer,
+    base_values: Buffer,
+    chunk_elements: Buffer,
+    digest_starts: Buffer,
+    digests: Buffer,
+    /,
+) -> list[tuple[int, int]]: ...
+def copy_check(
+    first: int,
+    last: int,
+    targets: Buffer,
+    sources: Buffer,
+    nbytes: Buffer,
+    chunk_bytes: Buffer,
+    digest_starts: Buffer,
+    digests: Buffer,
+    verify: bool,
+    /,
+) -> list[tuple[int, int]]: ...

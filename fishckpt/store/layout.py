@@ -1,4 +1,4 @@
-"""What a store derives once from its base and mask: the mapped base, the per-tensor mask plans, the value groups.
+"""What a store derives once from its base and mask: the mapped base, the mask table, the base's masked values.
 
 Every part of the store reads the base and the mask through one ``StoreLayout``,
 built lazily and cached for the life of the store object, so saving, loading and
@@ -8,7 +8,6 @@ switching never recompute it and never reach into each other for it.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -16,23 +15,15 @@ import torch
 
 from ..errors import IntegrityError
 from ..format import codec, digests
-from ..format.bits import byte_view, numpy_words
+from ..format.bits import byte_view, bytes_as_elements
 from ..format.manifest import Manifest, TensorEntry
 from ..format.names import BASE_NAME
 from ..mask import Mask
 from ..storage import Storage
+from . import batch
 from .basefile import open_base
-from .scan import MaskPlan
-
-
-@dataclass
-class ValueGroup:
-    """Masked values of every tensor whose words have one width, coded as one stream."""
-
-    width: int
-    members: list[tuple[str, int, int]]  # (tensor, start word, stop word)
-    base_words: npt.NDArray[np.unsignedinteger]
-    order: npt.NDArray[np.intp]
+from .scan import RowPlan
+from .table import build_table
 
 
 class StoreLayout:
@@ -44,9 +35,15 @@ class StoreLayout:
         self.mask = mask
         self.entries = {entry.name: entry for entry in manifest.entries}
         self.owners = [entry for entry in manifest.entries if entry.alias_of is None]  # tensors stored once
+        self.position = {entry.name: number for number, entry in enumerate(manifest.entries)}
+        self.aliases = [(entry.name, entry) for entry in manifest.entries if entry.alias_of is not None]
+        self.torch_shapes = {entry.name: torch.Size(entry.shape) for entry in manifest.entries}
+        self.table = build_table(manifest, mask)
+        self.dense_bytes = sum(entry.nbytes for entry in self.owners)
+        self._base_rows: batch.Rows | None = None
+        self._row_plans: dict[int, RowPlan] = {}
         self._base: dict[str, torch.Tensor] | None = None
-        self._plans: dict[str, MaskPlan] | None = None
-        self._groups: list[ValueGroup] | None = None
+        self._base_values: npt.NDArray[np.uint8] | None = None
         self._scratch: torch.Tensor | None = None
         self.scratch_lock = threading.Lock()
         self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -65,45 +62,46 @@ class StoreLayout:
             self._base = open_base(buffer, self.manifest.entries, where=self.base_where)
         return self._base
 
+    def base_rows(self) -> batch.Rows:
+        """The base tensors in mask-table order, ready for the batch functions."""
+        if self._base_rows is None:
+            base = self.base()
+            self._base_rows = batch.Rows([base[entry.name] for entry in self.table.entries])
+        return self._base_rows
+
     def _verify_whole(self, buffer: memoryview) -> None:
         """Checks every chunk of a freshly downloaded base before a remote backend caches it."""
         tensors = open_base(buffer, self.manifest.entries, where=self.base_where)
-        for entry in self.owners:
-            failed = self.check_base_chunks(entry, byte_view(tensors[entry.name]))
-            if failed is not None:
-                raise self.base_chunk_error(entry, failed)
+        failed = batch.check_chunks(self.table, [tensors[entry.name] for entry in self.table.entries])
+        if failed:
+            raise self.base_chunk_error(self.table.entries[failed[0][0]], failed[0][1])
 
-    def plans(self) -> dict[str, MaskPlan]:
-        """Per stored tensor: its mask indices, chunk bounds and the base's words there."""
-        if self._plans is None:
-            base = self.base()
-            plans = {}
-            for entry in self.owners:
-                index = self.mask[entry.name] if entry.name in self.mask else torch.zeros(0, dtype=torch.int64)
-                plans[entry.name] = MaskPlan.build(entry, index, base[entry.name], self.manifest.chunk_bytes)
-            self._plans = plans
-        return self._plans
+    def base_values(self) -> npt.NDArray[np.uint8]:
+        """The base's bytes at the mask's indices, in stream order; checked against the manifest where v2 records it.
 
-    def value_groups(self) -> list[ValueGroup]:
-        """The masked values grouped by word width, in manifest order, with their exponent order."""
-        if self._groups is None:
-            plans = self.plans()
-            by_width: dict[int, list[tuple[str, torch.Tensor]]] = {}
-            for entry in self.owners:
-                if plans[entry.name].index.numel():
-                    by_width.setdefault(entry.dtype.word_bytes, []).append((entry.name, plans[entry.name].base_masked))
-            groups = []
-            for width in sorted(by_width):
-                members, parts, start = [], [], 0
-                for name, words in by_width[width]:
-                    flat = numpy_words(words)
-                    members.append((name, start, start + flat.size))
-                    parts.append(flat)
-                    start += flat.size
-                base_words = np.concatenate(parts)
-                groups.append(ValueGroup(width, members, base_words, codec.exponent_order(base_words)))
-            self._groups = groups
-        return self._groups
+        A save codes values against these bytes and a load decodes against them, so a
+        damaged base must never get this far: the check costs O(k) once per store object.
+        """
+        if self._base_values is None:
+            values = self.table.new_values()
+            batch.gather(self.table, self.base_rows(), values)
+            recorded = self.manifest.masked_digest
+            if recorded is not None and digests.masked_digest(values) != recorded:
+                raise IntegrityError(
+                    f"{self.base_where}: the base file is corrupted: its values at the mask's indices do not "
+                    "match the digest recorded at create; restore the base file from a copy (the step files "
+                    "are coded against these values, so no step can be saved or restored until then)"
+                )
+            for group in self.table.groups:
+                group.order = codec.exponent_order(self.table.group_words(values, group))
+            self._base_values = values
+        return self._base_values
+
+    def base_row_values(self, row: int) -> torch.Tensor:
+        """The base's element words at row ``row``'s mask indices."""
+        entry = self.table.entries[row]
+        raw = self.table.row_values(self.base_values(), row)
+        return bytes_as_elements(torch.from_numpy(raw), entry.dtype.itemsize)
 
     def scratch(self) -> torch.Tensor:
         """One chunk of CPU bytes for the pure-Python scan; hold ``scratch_lock`` while using it."""
@@ -116,29 +114,37 @@ class StoreLayout:
         key = (name, device)
         found = self._device_index.get(key)
         if found is None:
-            found = self._device_index[key] = self.plans()[name].index.to(device)
+            found = self._device_index[key] = self.table.row_index(self.table.row_of[name]).to(device)
         return found
+
+    def index(self, name: str) -> torch.Tensor:
+        return self.table.row_index(self.table.row_of[name])
+
+    def row_index_on(self, row: int, device: torch.device) -> torch.Tensor:
+        return self.device_index(self.table.entries[row].name, device)
+
+    def row_plan(self, row: int) -> RowPlan:
+        """Row ``row``'s indices split by hashing chunk, for the torch scan (built on first need)."""
+        plan = self._row_plans.get(row)
+        if plan is None:
+            entry = self.table.entries[row]
+            per_chunk = int(self.table.chunk_elements[row])
+            plan = RowPlan.build(entry, self.table.row_index(row), self.base_row_values(row), per_chunk)
+            self._row_plans[row] = plan
+        return plan
 
     def per_chunk_bytes(self, entry: TensorEntry) -> int:
         return digests.chunk_elements(entry.dtype.itemsize, self.manifest.chunk_bytes) * entry.dtype.itemsize
 
-    def check_base_chunks(self, entry: TensorEntry, data: torch.Tensor, *, first: int = 0) -> int | None:
-        """The first chunk of ``data`` (bytes of base tensor ``entry``, from chunk ``first``) that fails its digest.
-
-        This is the one place base bytes are checked against the manifest: at load
-        (on the copy), in ``verify`` (on the file) and before naming changes at save.
-        """
+    def check_base_chunk(self, entry: TensorEntry, number: int) -> None:
+        """Raises unless chunk ``number`` of base tensor ``entry`` matches its digest."""
         per_chunk = self.per_chunk_bytes(entry)
-        for offset, (start, stop) in enumerate(digests.chunk_ranges(data.numel(), per_chunk)):
-            if digests.of_tensor_bytes(data[start:stop]) != entry.chunk_digests[first + offset]:
-                return first + offset
-        return None
+        data = byte_view(self.base()[entry.name])[number * per_chunk : (number + 1) * per_chunk]
+        if digests.of_tensor_bytes(data) != entry.chunk_digests[number]:
+            raise self.base_chunk_error(entry, number)
 
     def base_chunk_error(self, entry: TensorEntry, number: int) -> IntegrityError:
         return IntegrityError(
             f"{self.base_where}: the base file is corrupted: tensor {entry.name!r}, chunk {number} does not "
             "match its digest; restore the base file from a copy"
         )
-
-    def base_bytes(self, entry: TensorEntry) -> torch.Tensor:
-        return byte_view(self.base()[entry.name])

@@ -1,81 +1,78 @@
-"""Rebuilding a step's tensors from the base and a decoded step, and proving them against the recorded digests."""
+"""Writing a step into tensors: the base copied and checked, the step's values scattered, and all read back."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import IntegrityError
-from ..format.bits import byte_view, differs, element_words
-from ..format.manifest import TensorEntry
+from ..format.bits import element_words
+from . import batch
 from .layout import StoreLayout
-from .stepcodec import Decoded, tensor_digest
+from .stepcodec import Decoded
 
 
-def rebuild(layout: StoreLayout, entry: TensorEntry, out: torch.Tensor, decoded: Decoded, *, verify: bool) -> None:
-    """Writes step ``decoded`` of one tensor into the contiguous CPU tensor ``out``."""
-    source, target = layout.base_bytes(entry), byte_view(out)
-    # One whole copy, then hash the copy: chunked copies into fresh pages ran 4x slower at times,
-    # and a C copy-hash loop was slower than torch's whole-tensor copy (measured; docs/benchmarks.md).
-    target.copy_(source)
+def write_full(layout: StoreLayout, targets: list[torch.Tensor], decoded: Decoded, *, verify: bool) -> None:
+    """Writes step ``decoded`` into contiguous CPU ``targets`` (mask-table rows) from the base up.
+
+    With ``verify``, every base chunk is hashed as it is copied (the copy, not the file,
+    so the bytes returned are the bytes proved), and everything the step set is read back.
+    """
+    table = layout.table
+    found = batch.Rows(targets)
+    failing = batch.copy_check(table, found, layout.base_rows(), verify=verify)
+    if failing:
+        row, chunk = failing[0]
+        raise layout.base_chunk_error(table.entries[row], chunk)
+    apply(layout, found, decoded)
     if verify:
-        failed = layout.check_base_chunks(entry, target)
-        if failed is not None:
-            raise layout.base_chunk_error(entry, failed)
-    apply(layout, entry, out, decoded)
-    if verify:
-        check_rebuilt(layout, entry, out, decoded)
+        check_written(layout, found, decoded)
 
 
-def apply(layout: StoreLayout, entry: TensorEntry, out: torch.Tensor, decoded: Decoded) -> None:
-    """Scatters a step's masked values and outside-mask changes into ``out`` (already the base)."""
-    elements = element_words(out)
-    positions, words = decoded.extras.get(entry.name, (None, None))
-    if words is not None and positions is None:
-        # A dense record is the whole tensor outside the mask (masked entries hold base values),
-        # so it goes first and the masked values over it.
-        elements.copy_(words.to(out.device))
-    index = layout.plans()[entry.name].index
-    if index.numel():
-        values = decoded.masked[entry.name]
-        if out.device.type != "cpu":
-            index, values = layout.device_index(entry.name, out.device), values.to(out.device)
-        elements.index_copy_(0, index, values)
-    if words is not None and positions is not None:
-        elements.index_copy_(0, positions.to(out.device), words.to(out.device))
+def apply(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded) -> None:
+    """Writes the step's masked values and outside-mask changes into ``targets`` (which hold the base there)."""
+    table = layout.table
+    found = batch.rows(targets)
+    for name, change in decoded.changes.items():
+        if change.dense is not None:  # the whole tensor, masked entries at base values: before the masked values
+            target = found.tensors[table.row_of[name]]
+            element_words(target).copy_(change.dense.to(target.device))
+    batch.scatter(table, found, decoded.values, index_on=layout.row_index_on)
+    for name, change in decoded.changes.items():
+        if change.dense is None:
+            target = found.tensors[table.row_of[name]]
+            element_words(target).index_copy_(0, change.positions.to(target.device), change.words.to(target.device))
 
 
-def rebuilt_digest(layout: StoreLayout, entry: TensorEntry, out: torch.Tensor, decoded: Decoded) -> str:
-    """The tensor digest of ``out``, read back at every position the step set."""
-    elements = element_words(out)
-    index = layout.plans()[entry.name].index
-    masked_back = elements.index_select(0, index.to(out.device)).cpu()
-    positions, words = None, None
-    if entry.name in decoded.extras:
-        positions, _ = decoded.extras[entry.name]
-        if positions is None:  # dense: recover the canonical set of changed positions
-            base_elements = element_words(layout.base()[entry.name])
-            changed = differs(elements.cpu(), base_elements)
-            changed[index] = False
-            positions = torch.nonzero(changed).reshape(-1)
-        words = elements.index_select(0, positions.to(out.device)).cpu()
-    return tensor_digest(entry, masked_back, positions, words)
+def undo(layout: StoreLayout, targets: list[torch.Tensor], decoded: Decoded) -> None:
+    """Puts the base's values back wherever step ``decoded`` changed a tensor outside the mask."""
+    base = layout.base()
+    table = layout.table
+    for name, change in decoded.changes.items():
+        target = targets[table.row_of[name]]
+        base_words = element_words(base[name]).index_select(0, change.positions)
+        element_words(target).index_copy_(0, change.positions.to(target.device), base_words.to(target.device))
 
 
-def check_rebuilt(layout: StoreLayout, entry: TensorEntry, out: torch.Tensor, decoded: Decoded) -> None:
-    """Raises IntegrityError naming the step file unless ``out`` has the digest recorded at save."""
-    if rebuilt_digest(layout, entry, out, decoded) != decoded.record.digests.get(entry.name):
-        raise IntegrityError(
-            f"{decoded.where}: tensor {entry.name!r} does not match the digest recorded at save; "
-            "the checkpoint file is damaged; restore it from a copy or delete this step"
-        )
+def check_written(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded) -> None:
+    """Reads back every entry step ``decoded`` sets and compares it with the decoded (digest-proved) content."""
+    table = layout.table
+    found = batch.rows(targets)
+    back = table.new_values()
+    batch.gather(table, found, back, index_on=layout.row_index_on)
+    if not np.array_equal(back, decoded.values):
+        differing = np.flatnonzero(back != decoded.values)[0]
+        row = int(np.searchsorted(table.value_offsets, differing, side="right")) - 1
+        raise _not_written(decoded, table.entries[row].name)
+    for name, change in decoded.changes.items():
+        target = found.tensors[table.row_of[name]]
+        words = element_words(target).index_select(0, change.positions.to(target.device)).cpu()
+        if not torch.equal(words, change.words):
+            raise _not_written(decoded, name)
 
 
-def digest_matches(layout: StoreLayout, entry: TensorEntry, decoded: Decoded) -> bool:
-    """Whether the step's content for ``entry`` has its recorded digest, computed in O(k) where it can be."""
-    positions, words = decoded.extras.get(entry.name, (None, None))
-    if positions is None and words is not None:  # dense record: rebuild to find the changed positions
-        out = layout.base()[entry.name].clone()
-        apply(layout, entry, out, decoded)
-        return rebuilt_digest(layout, entry, out, decoded) == decoded.record.digests.get(entry.name)
-    digest = tensor_digest(entry, decoded.masked[entry.name], positions, words)
-    return digest == decoded.record.digests.get(entry.name)
+def _not_written(decoded: Decoded, name: str) -> IntegrityError:
+    return IntegrityError(
+        f"{decoded.where}: tensor {name!r} does not read back what the step sets after it was written; "
+        "the memory holding it changed underneath, or this is a bug: please report it"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -103,6 +103,7 @@ class StoreReport:
     mask_bytes: int
     manifest_bytes: int
     steps: list[CheckpointInfo]
+    problems: dict[int, str] = field(default_factory=dict)  # step -> what is wrong with its file
 
     @property
     def density(self) -> float:
@@ -151,3 +152,20 @@ class StoreReport:
             steps.update(info.changed_outside_mask.keys())
         ranked = sorted(entries.items(), key=lambda item: (-item[1], item[0]))[:count]
         return [OutsideMaskTotal(name, total, steps[name]) for name, total in ranked]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``CheckpointStore.verify`` checked.
+
+    Attributes:
+        steps: The steps whose files were checked.
+        gone: Steps that were listed but deleted while verify ran (a prune): not failures.
+        base_checked: Whether every chunk of the base was hashed.
+        base_ok: Whether the base passed what was checked of it.
+    """
+
+    steps: list[int]
+    gone: list[int]
+    base_checked: bool
+    base_ok: bool

@@ -10,7 +10,7 @@ The store orchestrates; each step of its work is a call into the module that own
 
 from __future__ import annotations
 
-import json
+import secrets
 import sys
 import time
 import warnings
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from ..errors import (
     BaseMismatchError,
@@ -33,27 +34,40 @@ from ..errors import (
     StepExistsError,
     StepNotFoundError,
     StoreExistsError,
+    StoreReplacedError,
     VerifyError,
     VerifyFailure,
 )
-from ..format import manifest as manifest_format
-from ..format import stepfile
+from ..format import digests, stepfile
+from ..format import tree as tree_format
 from ..format.bits import plain
 from ..format.dtypes import DType, dtype_row
 from ..format.manifest import Manifest, TensorEntry
-from ..format.names import BASE_NAME, MANIFEST_NAME, MASK_NAME, STEPS_DIR, step_key, step_of
+from ..format.names import (
+    BASE_NAME,
+    LOCK_NAME,
+    MANIFEST_V1,
+    MANIFEST_V2,
+    STEPS_DIR,
+    mask_name,
+)
 from ..mask import Mask
 from ..storage import LocalStorage, RootState, Storage, open_storage
-from . import capture, rebuild, stepcodec, training
+from . import batch, capture, rebuild, stepcodec, training
 from .basefile import BaseWriter
 from .capture import StateLike
+from .catalog import Catalog, check_step, read_manifest
 from .layout import StoreLayout
-from .records import CheckpointInfo, SaveInfo, StoreReport
+from .records import CheckpointInfo, SaveInfo, StoreReport, VerifyReport
 from .switch import Residency, switch
+from .table import build_table
 
 PathLike = str | Path
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # stays in cache, so copy-then-hash reads main memory once; 4 MiB beat 1 MiB here
+DEFAULT_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another's lock before giving up
+_MARKERS = (MANIFEST_V2, MANIFEST_V1)
+_OWNED = frozenset({BASE_NAME, MANIFEST_V2, mask_name(2), STEPS_DIR, LOCK_NAME})
 
 if sys.byteorder != "little":  # the format is little-endian and the codec works on native views
     raise ImportError("fishckpt supports little-endian machines only")
@@ -74,10 +88,15 @@ class CheckpointStore:
         >>> store.load_into(model, 100)
     """
 
-    def __init__(self, storage: Storage, manifest: Manifest, mask: Mask) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, mask: Mask, *, lock_timeout: float) -> None:
         """Use ``CheckpointStore.create`` or ``CheckpointStore.open``."""
         self._storage = storage
         self._layout = StoreLayout(storage, manifest, mask)
+        self._catalog = Catalog(storage, manifest, k=mask.k, numel=mask.numel)
+        self._lock_timeout = lock_timeout
+        self._manifest_name = self._catalog.manifest_name
+        found = storage.stat(self._manifest_name)
+        self._manifest_version = None if found is None else found.version
         # The last few decoded steps (O(k) each), keyed by step and the file's version, so
         # switching between steps decodes only the step switched to.
         self._decoded: dict[int, tuple[object, stepcodec.Decoded]] = {}
@@ -94,27 +113,33 @@ class CheckpointStore:
         *,
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> CheckpointStore:
         """Creates a store from a dense base (state dict or module) and a mask.
 
-        The store is built in a hidden sibling folder and renamed into place, so
-        an interrupted create leaves nothing that looks like a store.
+        The store is built in a hidden folder and appears all at once, so an
+        interrupted create leaves nothing that looks like a store (and the next
+        create of the same path clears what it left).
 
         Args:
             path: The store folder. It must not exist, or be empty.
             base: The dense starting weights; CPU or CUDA tensors.
             mask: Which entries may change. Every mask tensor must be in ``base`` with the same shape.
-            overwrite: Replace an existing fishckpt store at ``path`` (never any other folder).
+            overwrite: Replace an existing fishckpt store at ``path`` (never any other folder). The
+                swap waits for the store's writer lock, and writers of the old store then fail.
             chunk_bytes: Granularity of the base's digests (default 4 MiB).
+            lock_timeout: Seconds to wait for another writer's lock, here and in later saves.
 
         Raises:
             StoreExistsError: ``path`` holds files and ``overwrite`` does not apply.
             MaskMismatchError: The mask names a tensor the base lacks, or a shape differs.
+            StateMismatchError: A key cannot be stored (not a string, ``__metadata__``), or a value is
+                not a dense tensor.
             FormatError: A tensor has a dtype fishckpt cannot store.
         """
         storage = open_storage(path)
         where = storage.url
-        found = storage.root_state(MANIFEST_NAME)
+        found = storage.root_state(_MARKERS, _OWNED)
         if found is RootState.NOT_A_FOLDER:
             raise StoreExistsError(f"{where}: exists and is not a folder; choose another path")
         if found is RootState.OTHER:
@@ -127,50 +152,56 @@ class CheckpointStore:
         if chunk_bytes < 64 or chunk_bytes % 16:
             raise InvalidArgumentError("chunk_bytes must be a multiple of 16 and at least 64")
         entries, tensors = _plan_base(capture.state_of(base), mask)
-        with storage.new_root(replace=found is RootState.STORE) as staging:
+        with storage.new_root(
+            replace=found is RootState.STORE, marker=MANIFEST_V2, owned=_OWNED, timeout=lock_timeout
+        ) as staging:
             writer = BaseWriter(tensors, chunk_bytes)
             staging.publish(BASE_NAME, writer.pieces(), overwrite=False)
             for entry in entries:
                 entry.chunk_digests = writer.chunk_digests.get(entry.name, []) if entry.alias_of is None else []
-            staging.publish(MASK_NAME, mask.file_bytes(), overwrite=False)
+            manifest = Manifest(
+                entries, chunk_bytes, mask.digest, time.time(), version=2, store_id=secrets.token_hex(16)
+            )
+            manifest.masked_digest = _masked_digest(manifest, mask, {name: t for name, t, _ in tensors})
+            manifest.k, manifest.numel = mask.k, mask.numel
+            staging.publish(mask_name(2), mask.file_bytes(), overwrite=False)
             staging.make_folder(STEPS_DIR)
-            manifest = Manifest(entries, chunk_bytes, mask.digest, time.time())
             # The manifest goes last: a folder without it is never taken for a store.
-            staging.publish(MANIFEST_NAME, [manifest.to_bytes()], overwrite=False)
-        return cls(storage, manifest, mask)
+            staging.publish(MANIFEST_V2, manifest.pack(), overwrite=False)
+        return cls(storage, manifest, mask, lock_timeout=lock_timeout)
 
     @staticmethod
     def is_store(path: PathLike | Storage) -> bool:
         """Whether ``path`` looks like a store (has a manifest); ``open`` checks it fully."""
-        return open_storage(path).root_state(MANIFEST_NAME) is RootState.STORE
+        return open_storage(path).root_state(_MARKERS) is RootState.STORE
 
     @classmethod
-    def open(cls, path: PathLike | Storage) -> CheckpointStore:
+    def open(cls, path: PathLike | Storage, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> CheckpointStore:
         """Opens an existing store; checks its manifest and mask (the base is checked as it is read).
+
+        Args:
+            path: The store folder.
+            lock_timeout: Seconds a save, delete or prune waits for another writer's lock.
 
         Raises:
             FormatError: ``path`` is not a store, or was written by a newer fishckpt.
             IntegrityError: The manifest or mask file is corrupted.
         """
         storage = open_storage(path)
-        if isinstance(storage, LocalStorage) and not storage.root.is_dir():
-            raise FormatError(f"{storage.url}: no such store folder")
-        manifest_where = storage.where(MANIFEST_NAME)
+        manifest = read_manifest(storage)
+        where = storage.where(mask_name(manifest.version))
         try:
-            manifest_bytes = storage.read(MANIFEST_NAME)
+            mask = Mask.from_file_bytes(storage.read(mask_name(manifest.version)), where=where)
         except FileNotFoundError:
-            raise FormatError(manifest_format.missing_message(storage.url)) from None
-        manifest = manifest_format.parse(manifest_bytes, where=manifest_where)
-        mask_where = storage.where(MASK_NAME)
-        try:
-            mask = Mask.from_file_bytes(storage.read(MASK_NAME), where=mask_where)
-        except FileNotFoundError:
-            raise IntegrityError(f"{mask_where}: the store's mask file is missing") from None
+            raise IntegrityError(f"{where}: the store's mask file is missing") from None
         except FormatError as error:
-            raise IntegrityError(f"{mask_where}: mask file is corrupted: {error}") from error
+            raise IntegrityError(f"{where}: mask file is corrupted: {error}") from error
         if mask.digest != manifest.mask_digest:
-            raise IntegrityError(f"{mask_where}: mask does not match the store manifest (digest mismatch)")
-        return cls(storage, manifest, mask)
+            raise IntegrityError(
+                f"{where}: the mask file is not this store's mask (its digest differs from the manifest's); "
+                "restore the store's own mask file from a copy"
+            )
+        return cls(storage, manifest, mask, lock_timeout=lock_timeout)
 
     # Properties -----------------------------------------------------------------------------------
 
@@ -189,6 +220,16 @@ class CheckpointStore:
         return self._layout.mask
 
     @property
+    def format_version(self) -> int:
+        """The store's format version: 2, or 1 for a store written before fishckpt 0.2 (read-only: ``upgrade``)."""
+        return self._layout.manifest.version
+
+    @property
+    def store_id(self) -> str | None:
+        """The store's identity, random at create, bound into every step file (None for a format v1 store)."""
+        return self._layout.manifest.store_id
+
+    @property
     def base_digest(self) -> str:
         """Identity of the base: every checkpoint records it and is refused by other bases."""
         return self._layout.manifest.base_digest
@@ -200,25 +241,28 @@ class CheckpointStore:
     @property
     def dense_bytes(self) -> int:
         """Bytes of one full state as raw tensors (tied tensors counted once)."""
-        return sum(entry.nbytes for entry in self._layout.owners)
+        return self._catalog.dense_bytes
 
     @property
     def steps(self) -> list[int]:
         """Saved steps, ascending."""
-        found = (step_of(name) for name in self._storage.list(STEPS_DIR))
-        return sorted(step for step in found if step is not None)
+        return self._catalog.steps
+
+    @property
+    def catalog(self) -> Catalog:
+        """The store read from headers alone (steps, step records, reports), as ``fishckpt ls`` reads it."""
+        return self._catalog
 
     def step_path(self, step: int) -> Path | str:
         """Where step ``step``'s file lies (whether or not it is saved)."""
-        return self._file(step_key(_check_step(step)))
+        return self._catalog.file(self._key(check_step(step)))
 
     def files(self) -> dict[str, Path | str]:
         """The store's fixed files by role: ``manifest``, ``base``, ``mask`` (steps: see ``step_path``)."""
-        return {"manifest": self._file(MANIFEST_NAME), "base": self._file(BASE_NAME), "mask": self._file(MASK_NAME)}
+        return self._catalog.files()
 
-    def _file(self, name: str) -> Path | str:
-        """A file of the store: a Path for a local store, a URL otherwise."""
-        return self._storage.path(name) if isinstance(self._storage, LocalStorage) else self._storage.where(name)
+    def _key(self, step: int) -> str:
+        return self._catalog.key(step)
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.location!r}, tensors={len(self._layout.entries)}, k={self.mask.k})"
@@ -243,7 +287,7 @@ class CheckpointStore:
         Args:
             state: A state dict or module with exactly the base's keys, shapes and dtypes.
             step: A non-negative integer.
-            metadata: JSON-serialisable values kept with the checkpoint.
+            metadata: JSON-like values kept with the checkpoint (NaN and infinities included).
             check_outside_mask: Compare every entry outside the mask with the base
                 (one read of the state, ~0.05 s per GiB on CPU) and store what changed.
                 ``False`` trusts that nothing outside the mask changed (true of a
@@ -266,52 +310,109 @@ class CheckpointStore:
             StateMismatchError: A key is missing or extra, or a shape or dtype differs from the base.
             StepExistsError: ``step`` is saved already and ``overwrite`` is false.
             OutsideMaskError: ``strict`` and entries outside the mask changed.
-            StoreLockedError: Another process is writing to this store.
+            StoreLockedError: Another process held the store's lock for ``lock_timeout`` seconds.
+            StoreReplacedError: The store was replaced (``overwrite=True`` create) since it was opened.
+            IntegrityError: The base file is damaged (the step would be coded against wrong values).
+        """
+        started = time.perf_counter()
+        pending = self.capture(
+            state,
+            step,
+            metadata=metadata,
+            check_outside_mask=check_outside_mask,
+            strict=strict,
+            overwrite=overwrite,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng=rng,
+        )
+        info = self.commit(pending, started=started)
+        if info.changed_outside_mask:
+            warnings.warn(OutsideMaskWarning(outside_mask_summary(info)), stacklevel=2)
+        return info
+
+    def capture(
+        self,
+        state: StateLike,
+        step: int,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        check_outside_mask: bool = True,
+        strict: bool = False,
+        overwrite: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        rng: bool = False,
+    ) -> PendingSave:
+        """The first half of ``save``: reads everything it needs from the live state, and nothing more.
+
+        After it returns, the model and optimizer may change freely: ``commit`` writes what
+        was captured. The checkpoint manager calls this on the training thread and
+        ``commit`` on a background thread. Arguments and errors are those of ``save``.
         """
         if strict and not check_outside_mask:
             raise InvalidArgumentError(
                 "strict=True needs check_outside_mask=True: changes can only be refused if looked for"
             )
-        started = time.perf_counter()
-        step = _check_step(step)
+        step = check_step(step)
+        self._writable()
         layout = self._layout
         checked = capture.validated(layout, capture.state_of(state), where=self.location)
-        tensors = {name: plain(tensor) for name, tensor in checked.items()}
         meta = _json_metadata(metadata)
-        training_state = training.capture(optimizer, scheduler, rng)
-        key = step_key(step)
+        if not overwrite and self._storage.stat(self._key(step)) is not None:
+            where = self._storage.where(self._key(step))
+            raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
+        captured = capture.collect(layout, checked, check=check_outside_mask)
+        if strict and captured.changes:
+            listing = ", ".join(
+                f"{name} ({change.positions.numel()} entries)" for name, change in captured.changes.items()
+            )
+            raise OutsideMaskError(
+                f"step {step} not saved: entries outside the mask changed: {listing}. Nothing was written; "
+                "save without strict to store them, or find what moves them (weight decay, buffers)"
+            )
+        return PendingSave(
+            step=step,
+            values=captured.values,
+            changes=captured.changes,
+            metadata=meta,
+            training=training.capture(optimizer, scheduler, rng),
+            overwrite=overwrite,
+            checked=check_outside_mask,
+        )
+
+    def commit(self, pending: PendingSave, *, started: float | None = None) -> SaveInfo:
+        """The second half of ``save``: codes what ``capture`` read and writes it durably, under the lock."""
+        started = time.perf_counter() if started is None else started
+        layout = self._layout
+        step = pending.step
+        key = self._key(step)
         where = self._storage.where(key)
-        with self._storage.lock():
-            if self._storage.stat(key) is not None and not overwrite:
+        with self._storage.lock(timeout=self._lock_timeout):
+            self._check_same_store()
+            if self._storage.stat(key) is not None and not pending.overwrite:
                 raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
             self._storage.remove_stale_temps(STEPS_DIR)
-            captured = capture.collect(layout, tensors, check=check_outside_mask)
-            if strict and captured.extras:
-                listing = ", ".join(
-                    f"{name} ({positions.numel()} entries)" for name, (positions, _) in captured.extras.items()
-                )
-                raise OutsideMaskError(
-                    f"step {step} not saved: entries outside the mask changed: {listing}. Nothing was written; "
-                    "save without strict to store them, or find what moves them (weight decay, buffers)"
-                )
-            encoded = stepcodec.encode(layout, step, captured, meta, training_state)
+            encoded = stepcodec.encode(
+                layout,
+                step,
+                pending.values,
+                pending.changes,
+                pending.metadata,
+                pending.training,
+                store_id=layout.manifest.store_id or "",
+            )
+            pieces = stepfile.pack(encoded.content)
             try:
-                written = self._storage.publish(
-                    key, stepfile.pack(encoded.record, encoded.sections), overwrite=overwrite
-                )
+                written = self._storage.publish(key, pieces, overwrite=pending.overwrite)
             except FileExistsError:
                 raise StepExistsError(
                     f"{where}: step {step} is already saved; pass overwrite=True to replace it"
                 ) from None
-        if encoded.changed:
-            listing = ", ".join(f"{name} ({n} entries, {encoded.storage[name]})" for name, n in encoded.changed.items())
-            warnings.warn(
-                OutsideMaskWarning(
-                    f"step {step}: entries outside the mask changed and were stored too: {listing}. "
-                    "If this is not expected, check weight decay and buffers (see docs/exactness.md)"
-                ),
-                stacklevel=2,
-            )
+            except OSError as error:
+                raise type(error)(
+                    error.errno, f"{error.strerror}: saving step {step} of {self.location}", where
+                ) from error
         return SaveInfo(
             step=step,
             path=self.step_path(step),
@@ -320,57 +421,82 @@ class CheckpointStore:
             k=self.mask.k,
             changed_outside_mask=encoded.changed,
             outside_mask_storage=encoded.storage,
-            checked_outside_mask=check_outside_mask,
+            checked_outside_mask=pending.checked,
             seconds=time.perf_counter() - started,
-            training_state_bytes=encoded.record.training_bytes,
+            training_state_bytes=encoded.content.training_bytes,
         )
+
+    def _writable(self) -> None:
+        if self.format_version < 2:
+            raise FormatError(
+                f"{self.location}: this store is in format 1, which this fishckpt reads but no longer writes; "
+                f"run `fishckpt upgrade {self.location}` (or CheckpointStore.upgrade) to save into it"
+            )
+
+    def _check_same_store(self) -> None:
+        """Under the lock: the store at this location is still the one this object opened."""
+        found = self._storage.stat(self._manifest_name)
+        if found is not None and found.version == self._manifest_version:
+            return
+        try:
+            current = read_manifest(self._storage)
+        except (FormatError, IntegrityError) as error:
+            raise StoreReplacedError(
+                f"{self.location}: the store was removed or damaged since it was opened ({error}); nothing was written"
+            ) from error
+        if current.identity != self._layout.manifest.identity:
+            raise StoreReplacedError(
+                f"{self.location}: the store was replaced since it was opened (its id was "
+                f"{self._layout.manifest.identity}, it is now {current.identity}); nothing was written. Open the new "
+                "store, or save into another path"
+            )
+        self._manifest_version = found.version if found is not None else None
 
     # Loading --------------------------------------------------------------------------------------
 
     def _decode(self, step: int) -> stepcodec.Decoded:
         """Reads, checks and decodes one step file (O(k)); recently decoded steps are reused."""
-        key = step_key(step)
+        key = self._key(step)
         found = self._storage.stat(key)
         if found is None:
-            raise self._not_found(step)
+            raise self._catalog.absent(step)
         cached = self._decoded.get(step)
         if cached is not None and cached[0] == found.version:
             self._decoded[step] = self._decoded.pop(step)  # most recently used goes last
             return cached[1]
-        where = self._storage.where(key)
-        self._layout.plans()  # the base is opened and checked first, so its faults are never blamed on the step
+        layout = self._layout
+        layout.base_values()  # the base is checked first, so its faults are never blamed on a step
+        record, file = self._catalog.read_record(step, sections=True)
         try:
-            data = self._storage.read(key)
-        except FileNotFoundError:
-            raise self._not_found(step) from None
-        record, container = stepfile.parse(data, where=where)
-        if record.base_digest != self.base_digest or record.mask_digest != self.mask.digest:
-            raise BaseMismatchError(
-                f"{where}: checkpoint belongs to a store with another base or mask; it cannot be "
-                "restored here. Restore it from the store that wrote it"
-            )
-        if record.step != step:
-            raise FormatError(f"{where}: header does not describe step {step}")
-        decoded = stepcodec.decode(self._layout, record, container, where=where)
+            decoded = stepcodec.decode(layout, record, file, where=self._storage.where(key))
+        except IntegrityError:
+            self._blame_base()
+            raise
         self._decoded[step] = (found.version, decoded)
         while len(self._decoded) > 2:
             del self._decoded[next(iter(self._decoded))]
         return decoded
 
-    def _not_found(self, step: int) -> StepNotFoundError:
-        return StepNotFoundError(
-            f"{self.location}: step {step} is not in the store (saved steps: {_brief(self.steps)})"
-        )
+    def _blame_base(self) -> None:
+        """Raises the base's own error if the base is damaged: a step that fails against it is not to blame."""
+        layout = self._layout
+        failing = batch.check_chunks(layout.table, layout.base_rows())
+        if failing:
+            row, chunk = failing[0]
+            raise layout.base_chunk_error(layout.table.entries[row], chunk)
 
     def load(self, step: int, *, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
         """Rebuilds the full state dict of ``step``, bit-identical to what was saved.
 
+        The tensors returned are remembered: ``load_into(state, other_step)`` on them
+        later switches in O(k), as long as nothing else has modified them.
+
         Args:
             step: A saved step.
             device: Where the returned tensors live.
-            verify: Check the base bytes against their digests and every rebuilt
-                tensor against the digest recorded at save. Costs one hash pass
-                (~0.04 s per GiB here); turn off only if you verify otherwise.
+            verify: Check the base bytes against their digests as they are copied, and read
+                back every entry the step sets. Costs one hash pass (~0.05 s per GiB here, on
+                two threads); turn off only if you verify otherwise.
 
         Returns:
             A new state dict in the base's key order; tied keys share one tensor.
@@ -380,26 +506,27 @@ class CheckpointStore:
             IntegrityError: A file is corrupted; the message names the file and tensor.
             BaseMismatchError: The checkpoint file belongs to another store.
         """
-        decoded = self._decode(_check_step(step))
+        decoded = self._decode(check_step(step))
         device = torch.device(device)
+        layout = self._layout
+        rows = [torch.empty(entry.shape, dtype=entry.dtype.torch_dtype) for entry in layout.table.entries]
+        rebuild.write_full(layout, rows, decoded, verify=verify)
+        if device.type != "cpu":
+            rows = [row.to(device) for row in rows]
+        by_name = {entry.name: tensor for entry, tensor in zip(layout.table.entries, rows, strict=True)}
         out: dict[str, torch.Tensor] = {}
-        for entry in self._layout.manifest.entries:
-            if entry.alias_of is not None:
-                out[entry.name] = out[entry.alias_of]
-                continue
-            tensor = torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
-            rebuild.rebuild(self._layout, entry, tensor, decoded, verify=verify)
-            out[entry.name] = tensor if device.type == "cpu" else tensor.to(device)
+        for entry in layout.manifest.entries:
+            out[entry.name] = out[entry.alias_of] if entry.alias_of is not None else by_name[entry.name]
+        self._residency.remember(rows, decoded)
         return out
 
     def load_into(self, target: StateLike, step: int, *, verify: bool = True) -> None:
         """Writes step ``step`` into an existing module or state dict, in place.
 
-        If every tensor of ``target`` was last written by this store object's
-        ``load_into`` and has not been modified since (tracked by PyTorch's
-        version counters), only the entries that differ between the two steps
-        are touched: O(k), not O(model). Otherwise the whole state is rewritten
-        from the base.
+        If every tensor of ``target`` was last written by this store object (``load`` or
+        ``load_into``) and has not been modified since (tracked by PyTorch's version
+        counters), only the entries that differ between the two steps are touched:
+        O(k), not O(model). Otherwise the whole state is rewritten from the base.
 
         Args:
             target: A module or state dict with the base's keys, shapes and dtypes (any device).
@@ -410,31 +537,33 @@ class CheckpointStore:
             StateMismatchError: ``target`` does not match the base.
             IntegrityError: As in ``load``.
         """
-        step = _check_step(step)
+        step = check_step(step)
         layout = self._layout
-        # ``owners`` are the caller's own tensor objects (Parameters for a module), whose version
-        # counters record later modification; ``tensors`` are detached views of them to write through.
-        owners = capture.state_of(target)
-        tensors = capture.validated(layout, owners, where=self.location)
-        owners = {name: t for name, t in owners.items() if layout.entries[name].alias_of is None}
+        # ``owners`` are the caller's own tensor objects (Parameters for a module), in table order,
+        # whose version counters record later modification.
+        owners = capture.validated(layout, capture.state_of(target), where=self.location)
         decoded = self._decode(step)
-        previous = self._residency.step_held(owners)
+        held = self._residency.held(owners)
         with torch.no_grad():
-            if previous is not None and previous != step and self._storage.stat(step_key(previous)) is not None:
-                switch(layout, tensors, owners, self._decode(previous), decoded, verify=verify)
-            elif previous != step:
-                for name, tensor in tensors.items():
-                    entry = layout.entries[name]
-                    if entry.alias_of is not None:
-                        continue
-                    if tensor.device.type == "cpu" and tensor.is_contiguous() and plain(tensor) is tensor:
-                        rebuild.rebuild(layout, entry, tensor, decoded, verify=verify)
-                    else:
-                        staged = torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
-                        rebuild.rebuild(layout, entry, staged, decoded, verify=verify)
-                        tensor.copy_(staged)
-        for owner in owners.values():
-            self._residency.remember(owner, step)
+            if held is decoded:
+                return
+            views = [owner.detach() for owner in owners]
+            direct = [view.is_contiguous() and not view.is_conj() and not view.is_neg() for view in views]
+            if held is not None and all(direct):
+                switch(layout, views, held, decoded, verify=verify)
+                increment_version(views)
+                self._residency.remember(owners, decoded)
+                return
+            staged = [
+                view if ok and view.is_cpu else torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
+                for view, ok, entry in zip(views, direct, layout.table.entries, strict=True)
+            ]
+            rebuild.write_full(layout, staged, decoded, verify=verify)
+            for view, stage in zip(views, staged, strict=True):
+                if stage is not view:
+                    view.copy_(stage)
+            increment_version(views)
+        self._residency.remember(owners, decoded)
 
     # Training state -------------------------------------------------------------------------------
 
@@ -460,8 +589,8 @@ class CheckpointStore:
         Raises:
             StateMismatchError: Something asked for was not saved with this step.
         """
-        decoded = self._decode(_check_step(step))
-        tree = training.decode(decoded)
+        decoded = self._decode(check_step(step))
+        tree = stepcodec.decode_training(decoded)
         for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
             if target is None:
                 continue
@@ -476,124 +605,202 @@ class CheckpointStore:
     # Inspecting and maintaining ---------------------------------------------------------------
 
     def info(self, step: int) -> CheckpointInfo:
-        """Describes a saved step from its (checksummed) file header."""
-        step = _check_step(step)
-        key = step_key(step)
-        where = self._storage.where(key)
-        try:
-            data = self._storage.read(key)
-        except (FileNotFoundError, IsADirectoryError):
-            raise self._not_found(step) from None
-        record, container = stepfile.parse(data, where=where)
-        return CheckpointInfo(
-            step=record.step,
-            path=self.step_path(step),
-            created=record.created,
-            bytes=container.stored_bytes,
-            dense_bytes=self.dense_bytes,
-            k=record.k,
-            changed_outside_mask={outside.name: outside.count for outside in record.outside},
-            metadata=dict(record.metadata),
-            training_state_bytes=record.training_bytes,
-        )
+        """Describes a saved step from its (checksummed) file header.
+
+        Raises:
+            StepNotFoundError: ``step`` is not saved.
+            IntegrityError: Its file is damaged or unreadable.
+        """
+        return self._catalog.info(step)
 
     def report(self, *, steps: Iterable[int] | None = None) -> StoreReport:
         """Where the store's bytes go: base, mask, manifest and every step, against dense checkpoints.
 
-        Args:
-            steps: The steps to describe (default: every saved step); an iterable that
-                draws a progress bar as it is consumed works too.
+        A step whose file is damaged is listed in ``problems``; a step deleted meanwhile is skipped.
         """
-
-        def size(name: str) -> int:
-            found = self._storage.stat(name)
-            return 0 if found is None else found.size
-
-        return StoreReport(
-            location=self.location,
-            tensors=len(self._layout.entries),
-            dense_bytes=self.dense_bytes,
-            k=self.mask.k,
-            numel=self.mask.numel,
-            base_bytes=size(BASE_NAME),
-            mask_bytes=size(MASK_NAME),
-            manifest_bytes=size(MANIFEST_NAME),
-            steps=[self.info(step) for step in (self.steps if steps is None else steps)],
-        )
+        return self._catalog.report(steps=steps)
 
     def delete(self, step: int) -> None:
         """Removes a saved step. Other steps never depend on it."""
-        step = _check_step(step)
-        with self._storage.lock():
+        step = check_step(step)
+        with self._storage.lock(timeout=self._lock_timeout):
+            self._check_same_store()
             try:
-                self._storage.delete(step_key(step))
+                self._storage.delete(self._key(step))
             except FileNotFoundError:
                 raise StepNotFoundError(f"{self.location}: step {step} is not in the store") from None
+            self._decoded.pop(step, None)
 
-    def verify(self, steps: int | Iterable[int] | None = None, *, base: bool | None = None) -> None:
+    def verify(
+        self, steps: int | Iterable[int] | None = None, *, base: bool | None = None, progress: Any = None
+    ) -> VerifyReport:
         """Re-reads files and checks every digest, reporting every failure found.
 
-        A step's check decodes its file and recomputes each tensor's digest; the
-        base check hashes every chunk of the base file.
+        The base is checked first: its values at the mask's indices always (O(k)), and
+        every chunk of it when ``base`` is on. A damaged base is reported as the base's
+        fault, and steps are then checked at the file level only, never blamed for it.
+        A step that disappears while verify runs (pruned meanwhile) is reported as gone.
 
         Args:
             steps: A step, several, or None for every saved step.
-            base: Hash the base file too. Default: only when ``steps`` is None.
+            base: Hash the whole base file too. Default: only when ``steps`` is None.
+            progress: Wraps the steps' iterable (a progress bar), if given.
+
+        Returns:
+            What was checked, and which steps were deleted meanwhile.
 
         Raises:
             VerifyError: (an IntegrityError) listing each failing file and tensor.
         """
         failures: list[VerifyFailure] = []
-        if base if base is not None else steps is None:
-            failures.extend(self._verify_base())
-            if failures and failures[0].tensor is None:  # the base cannot even be opened
-                raise VerifyError(failures)
+        base_file = self._catalog.file(BASE_NAME)
+        whole_base = base if base is not None else steps is None
+        base_ok = True
+        try:
+            layout = self._layout
+            layout.base()
+            if whole_base:
+                for row, chunk in batch.check_chunks(
+                    layout.table, [layout.base()[e.name] for e in layout.table.entries]
+                ):
+                    failures.append(
+                        VerifyFailure(
+                            base_file, layout.table.entries[row].name, f"chunk {chunk} does not match its digest"
+                        )
+                    )
+            layout.base_values()
+        except (IntegrityError, FormatError) as error:
+            failures.append(VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file))))
+        base_ok = not failures
         if steps is None:
             numbers = self.steps
         elif isinstance(steps, int | np.integer):
-            numbers = [_check_step(int(steps))]
+            numbers = [check_step(int(steps))]
         else:
-            numbers = [_check_step(step) for step in steps]
-        for number in numbers:
-            file = self._file(step_key(number))
+            numbers = [check_step(step) for step in steps]
+        checked, gone = [], []
+        for number in progress(numbers) if progress is not None else numbers:
+            file = self._catalog.file(self._key(number))
             try:
-                decoded = self._decode(number)
-                for entry in self._layout.owners:
-                    if not rebuild.digest_matches(self._layout, entry, decoded):
-                        failures.append(VerifyFailure(file, entry.name, "does not match its recorded digest"))
-            except (IntegrityError, FormatError, BaseMismatchError, StepNotFoundError) as error:
+                record, step_file = self._catalog.read_record(number, sections=True)
+                if base_ok:
+                    decoded = stepcodec.decode(self._layout, record, step_file, where=str(file), check=False)
+                    for name in stepcodec.content_failures(self._layout, decoded):
+                        what = "does not match its recorded digest"
+                        failures.append(VerifyFailure(file, name, what if name else "content " + what))
+                checked.append(number)
+            except StepNotFoundError:
+                gone.append(number)
+            except (IntegrityError, FormatError, BaseMismatchError) as error:
                 failures.append(VerifyFailure(file, None, _without_prefix(str(error), str(file))))
+                checked.append(number)
+        if base_ok and not whole_base and any(f.file != base_file for f in failures):
+            try:
+                self._blame_base()
+            except IntegrityError as error:  # the steps fail because the base is damaged: blame it alone
+                failures = [VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file)))]
+                base_ok = False
+        report = VerifyReport(steps=checked, gone=gone, base_checked=whole_base, base_ok=base_ok)
         if failures:
-            raise VerifyError(failures)
+            raise VerifyError(failures, report)
+        return report
 
-    def _verify_base(self) -> list[VerifyFailure]:
-        layout = self._layout
-        file = self._file(BASE_NAME)
-        try:
-            layout.base()
-        except (IntegrityError, FormatError) as error:
-            return [VerifyFailure(file, None, _without_prefix(str(error), str(file)))]
-        failures = []
-        for entry in layout.owners:
-            failed = layout.check_base_chunks(entry, layout.base_bytes(entry))
-            if failed is not None:
-                failures.append(VerifyFailure(file, entry.name, f"chunk {failed} does not match its digest"))
-        return failures
+    # Upgrading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def upgrade(cls, path: PathLike | Storage, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> CheckpointStore:
+        """Rewrites a format v1 store as format v2, atomically, proving every step bit for bit on the way.
+
+        The new store gets a store id; the base bytes are the same. Each step is decoded
+        from v1, written as v2, decoded again and compared with the v1 content before the
+        swap; the old store is replaced only when all steps match, under its writer lock.
+
+        Raises:
+            FormatError: The store is already format 2 (nothing is changed).
+            IntegrityError: A file of the old store is damaged; nothing is changed.
+        """
+        from .upgrade import upgrade
+
+        old = cls.open(path, lock_timeout=lock_timeout)
+        upgrade(old, lock_timeout=lock_timeout)
+        return cls.open(path, lock_timeout=lock_timeout)
+
+    # For store/upgrade.py and the checkpoint manager: the parts a store is built from.
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    @property
+    def layout(self) -> StoreLayout:
+        return self._layout
+
+    def decoded(self, step: int) -> stepcodec.Decoded:
+        """Step ``step`` read, checked and decoded (cached: the last two steps)."""
+        return self._decode(check_step(step))
+
+
+class PendingSave:
+    """What ``CheckpointStore.capture`` read from a live state: everything ``commit`` needs, and copies only."""
+
+    __slots__ = ("changes", "checked", "metadata", "overwrite", "step", "training", "values")
+
+    def __init__(
+        self,
+        *,
+        step: int,
+        values: np.ndarray,
+        changes: dict[str, stepcodec.Change],
+        metadata: dict[str, Any],
+        training: tuple[Any, list[torch.Tensor]] | None,
+        overwrite: bool,
+        checked: bool,
+    ) -> None:
+        self.step = step
+        self.values = values
+        self.changes = changes
+        self.metadata = metadata
+        self.training = training
+        self.overwrite = overwrite
+        self.checked = checked
+
+
+def outside_mask_summary(info: SaveInfo, *, shown: int = 3) -> str:
+    """A short warning text for changes outside the mask: counts and the few largest, never every name."""
+    changed = info.changed_outside_mask
+    largest = sorted(changed.items(), key=lambda item: (-item[1], item[0]))[:shown]
+    listing = ", ".join(f"{name} ({count:,})" for name, count in largest)
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    total = sum(changed.values())
+    entries = f"{total:,} {'entry' if total == 1 else 'entries'}"
+    tensors = f"{len(changed)} {'tensor' if len(changed) == 1 else 'tensors'}"
+    return (
+        f"entries outside the mask changed and were stored too: {entries} in {tensors}, most in {listing}{more}. "
+        "The full list is in SaveInfo.changed_outside_mask; if this is not expected, check weight decay and "
+        "buffers (docs/exactness.md)"
+    )
 
 
 # Helpers ---------------------------------------------------------------------------------------
 
 
-def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-        raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}")
-    return int(step)
+def _masked_digest(manifest: Manifest, mask: Mask, tensors: dict[str, torch.Tensor]) -> str:
+    table = build_table(manifest, mask)
+    values = table.new_values()
+    batch.gather(table, [tensors[entry.name] for entry in table.entries], values)
+    return digests.masked_digest(values)
 
 
 def _plan_base(
     state: dict[str, torch.Tensor], mask: Mask
 ) -> tuple[list[TensorEntry], list[tuple[str, torch.Tensor, DType]]]:
     """Validates a base state against a mask; finds tied tensors; returns entries and tensors to write."""
+    bad = [name for name in state if not isinstance(name, str) or name == "__metadata__"]
+    if bad:
+        raise StateMismatchError(
+            f"the base has key(s) a store cannot hold: {bad[:5]!r} (keys must be strings, and `__metadata__` "
+            "is reserved by safetensors); rename them"
+        )
     for name in mask.names:
         if name not in state:
             raise MaskMismatchError(f"mask tensor {name!r} is not in the base state; build the mask from this model")
@@ -616,6 +823,8 @@ def _plan_base(
                 tuple(tensor.shape),
                 tensor.stride(),
                 tensor.dtype,
+                tensor.is_conj(),
+                tensor.is_neg(),
             )
             if tensor.numel()
             else None
@@ -636,25 +845,22 @@ def _plan_base(
 
 
 def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The user's metadata as JSON values; non-finite floats, tuples and the like are kept in tagged form."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise InvalidArgumentError("metadata must be a mapping of JSON-serialisable values")
-    try:
-        text = json.dumps(dict(metadata), allow_nan=False)
-    except (TypeError, ValueError) as error:
-        bad = next((key for key, value in metadata.items() if not _jsonable(value)), None)
-        raise InvalidArgumentError(f"metadata key {bad!r} is not JSON-serialisable: {error}") from error
-    result: dict[str, Any] = json.loads(text)
-    return result
+        raise InvalidArgumentError("metadata must be a mapping of JSON-like values")
+    for key, value in metadata.items():  # each on its own first, so an error names the key
+        if not isinstance(key, str):
+            raise InvalidArgumentError(f"metadata key {key!r} is not a string")
+        tree_format.encode_tree(value, None, path=f"metadata key {key!r}")
+    encoded = tree_format.encode_tree(dict(metadata), None, path="metadata")
+    return encoded if isinstance(encoded, dict) else {"$items": encoded}
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _decoded_metadata(metadata: dict[str, Any], *, where: str) -> dict[str, Any]:
+    decoded = tree_format.decode_tree(metadata, [], where=where)
+    return decoded if isinstance(decoded, dict) else {}
 
 
 def _without_prefix(message: str, where: str) -> str:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import FormatError
-from ..format import codec, training
-from ..format.bits import WORD_DTYPE
-from ..format.dtypes import dtype_by_name
-from .stepcodec import Decoded
+from ..format import tree
 
 
 def capture(optimizer: Any, scheduler: Any, rng: bool) -> tuple[Any, list[torch.Tensor]] | None:
@@ -28,32 +23,16 @@ def capture(optimizer: Any, scheduler: Any, rng: bool) -> tuple[Any, list[torch.
     if not state:
         return None
     tensors: list[torch.Tensor] = []
-    return training.encode_tree(state, tensors, path="training state"), tensors
+    encoded = tree.encode_tree(state, tensors, path="training state")
+    # Copies, so that training on after the call (an optimizer step updates its moments in place)
+    # can never change what is written, even when the write happens later on another thread.
+    return encoded, [_cpu_copy(tensor) for tensor in tensors]
 
 
-def decode(decoded: Decoded) -> dict[str, Any]:
-    """The training state a step holds, as saved (``{}`` if none was)."""
-    record, where = decoded.record.training, decoded.where
-    if record is None:
-        return {}
-    tensors = []
-    try:
-        for stored in record.tensors:
-            row = dtype_by_name(stored.dtype, where=where)
-            numel = math.prod(stored.shape)
-            words = codec.decode_words(
-                [decoded.container.section(stored.first + i) for i in range(stored.count)],
-                numel * (row.itemsize // row.word_bytes),
-                row.word_bytes,
-            )
-            flat = torch.from_numpy(words.copy()).view(WORD_DTYPE[row.word_bytes])
-            tensors.append(flat.view(row.torch_dtype).reshape(stored.shape))
-        tree = training.decode_tree(record.tree, tensors, where=where)
-    except (KeyError, TypeError, ValueError) as error:
-        raise FormatError(f"{where}: malformed training state: {error!r}") from error
-    if not isinstance(tree, dict):
-        raise FormatError(f"{where}: malformed training state")
-    return tree
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(tensor.shape, dtype=tensor.dtype)
+    out.copy_(tensor)
+    return out
 
 
 def capture_rng() -> dict[str, Any]:

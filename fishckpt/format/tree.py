@@ -1,23 +1,28 @@
-"""Training state (optimizer, scheduler, RNG) as JSON plus tensors: nested Python values without pickle."""
+"""Nested Python values as JSON plus a list of tensors, without pickle: training state and user metadata.
+
+No torch import is needed here: a value can only be a tensor if torch is loaded
+already, so ``sys.modules`` tells, and reading metadata (``fishckpt ls``) stays torch-free.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import FormatError, InvalidArgumentError
 
 _TAGS = ("$tensor", "$tuple", "$items", "$float", "$ndarray")
 
 
-def encode_tree(value: Any, tensors: list[torch.Tensor], *, path: str = "state") -> Any:
+def encode_tree(value: Any, tensors: list[Any] | None, *, path: str = "state") -> Any:
     """Turns nested dicts, lists, tuples, scalars and tensors into JSON; tensors go to ``tensors``.
 
     Tagged forms keep what JSON would lose: tuples, dicts with non-string keys (an
-    optimizer's integer parameter ids), non-finite floats and numpy arrays.
+    optimizer's integer parameter ids), non-finite floats and numpy arrays. Tensors
+    are appended as they are (the caller copies them); ``tensors=None`` refuses them.
 
     Raises:
         InvalidArgumentError: A value of another type, naming where it sits in the tree.
@@ -28,11 +33,12 @@ def encode_tree(value: Any, tensors: list[torch.Tensor], *, path: str = "state")
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"$float": repr(value)}
-    if isinstance(value, torch.Tensor):
-        tensors.append(value.detach().cpu().contiguous())
-        return {"$tensor": len(tensors) - 1}
-    if isinstance(value, np.ndarray):
-        tensors.append(torch.from_numpy(np.ascontiguousarray(value)).clone())
+    torch = sys.modules.get("torch")
+    if tensors is not None and torch is not None and isinstance(value, torch.Tensor | np.ndarray):
+        if isinstance(value, torch.Tensor):
+            tensors.append(value.detach())
+            return {"$tensor": len(tensors) - 1}
+        tensors.append(torch.from_numpy(np.ascontiguousarray(value)))
         return {"$ndarray": len(tensors) - 1}
     if isinstance(value, np.generic):
         return encode_tree(value.item(), tensors, path=path)
@@ -49,13 +55,18 @@ def encode_tree(value: Any, tensors: list[torch.Tensor], *, path: str = "state")
                 for key, item in value.items()
             ]
         }
+    if tensors is None:
+        raise InvalidArgumentError(
+            f"{path} is not JSON-serialisable: it holds a {type(value).__name__}; metadata may hold numbers "
+            "(NaN and infinities too), strings, booleans, None, and lists, tuples and dicts of them"
+        )
     raise InvalidArgumentError(
         f"{path}: cannot store a {type(value).__name__} without pickle; training state may hold "
         "tensors, numbers, strings, None, and lists, tuples and dicts of them"
     )
 
 
-def decode_tree(value: Any, tensors: list[torch.Tensor], *, where: str) -> Any:
+def decode_tree(value: Any, tensors: list[Any], *, where: str) -> Any:
     """Inverts ``encode_tree``; ``where`` names the file in errors."""
     if isinstance(value, list):
         return [decode_tree(item, tensors, where=where) for item in value]

@@ -1,0 +1,282 @@
+"""Work over every tensor of a state at once: gather, scatter, the exact check and checked copies.
+
+Each function takes a ``MaskTable`` and one tensor per row. Rows whose tensor is a
+contiguous CPU tensor go to one call of the C extension (store/_native.c), split in
+two halves by bytes and run on two threads with the GIL released; the rest (CUDA
+tensors, non-contiguous ones, or everything when the extension was not built) go
+through the same work in torch, one tensor at a time. Both give identical bytes.
+
+This is what keeps the per-tensor cost of a save or a load to a few microseconds:
+a mixture-of-experts state has tens of thousands of tensors (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ..format.bits import byte_view, bytes_as_elements, element_words, plain
+from ..format.digests import chunk_ranges
+from ..format.digests import of_tensor_bytes as digest_of
+from . import native, scan
+from .table import MaskTable
+
+Values = npt.NDArray[np.uint8]
+Pairs = list[tuple[int, int]]
+
+_TWO_THREADS_FROM = 8 << 20  # bytes of tensors below which one thread does it faster
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fishckpt")
+        return _pool
+
+
+def _c() -> ModuleType:
+    """The C extension; callers reach here only when ``Rows`` found rows for it."""
+    assert native.module is not None
+    return native.module
+
+
+def native_row(tensor: torch.Tensor | None) -> bool:
+    """Whether a row's tensor can go to the C extension: built, and the tensor is contiguous in CPU memory."""
+    return (
+        native.module is not None
+        and tensor is not None
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    )
+
+
+class Rows:
+    """One tensor per table row, with the data addresses of the rows the C extension takes (0 for the others).
+
+    Build it once per set of tensors: finding which rows C can take costs about a
+    microsecond per tensor, which is most of the per-tensor cost of a save.
+    """
+
+    __slots__ = ("addresses", "fallback", "tensors")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.addresses = np.zeros(len(tensors), dtype=np.uint64)
+        self.fallback: list[int] = []
+        for row, tensor in enumerate(tensors):
+            if native_row(tensor):
+                self.addresses[row] = tensor.data_ptr()
+            else:
+                self.fallback.append(row)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def any_native(self) -> bool:
+        return len(self.fallback) < len(self.tensors)
+
+
+def rows(tensors: Sequence[torch.Tensor] | Rows) -> Rows:
+    return tensors if isinstance(tensors, Rows) else Rows(tensors)
+
+
+def _halves(sizes: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """Row ranges for the threads: two halves of about equal bytes, or one range for small states."""
+    rows = len(sizes)
+    total = int(sizes.sum())
+    if rows < 2 or total < _TWO_THREADS_FROM:
+        return [(0, rows)]
+    split = int(np.searchsorted(np.cumsum(sizes), total / 2)) + 1
+    split = min(max(split, 1), rows - 1)
+    return [(0, split), (split, rows)]
+
+
+def _run(ranges: list[tuple[int, int]], call: Callable[[int, int], Any]) -> list[Any]:
+    if len(ranges) == 1:
+        return [call(*ranges[0])]
+    return list(_executor().map(lambda bounds: call(*bounds), ranges))
+
+
+def _value_addresses(table: MaskTable, values: Values) -> npt.NDArray[np.uint64]:
+    return np.uint64(values.ctypes.data) + table.value_offsets[:-1].astype(np.uint64)
+
+
+def _row_words(table: MaskTable, values: Values, row: int) -> torch.Tensor:
+    return bytes_as_elements(torch.from_numpy(table.row_values(values, row)), int(table.itemsizes[row]))
+
+
+def _nbytes(table: MaskTable) -> npt.NDArray[np.int64]:
+    return table.numels * table.itemsizes
+
+
+# Gather and scatter -----------------------------------------------------------------------------
+
+
+def gather(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Values, *, index_on: Callable[
+        [int, torch.device], torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Copies every tensor's masked elements into ``values`` (the table's buffer layout).
+
+    ``index_on(row, device)`` gives a row's indices on a device, for tensors not on the CPU.
+    """
+    found = rows(tensors)
+    if found.any_native:
+        targets = _value_addresses(table, values)
+        args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, targets)
+        _run(_halves(np.diff(table.index_starts)), lambda a, b: _c().gather_table(a, b, *args))
+    for row in found.fallback:
+        tensor = plain(found.tensors[row].detach())
+        index = table.row_index(row)
+        if not tensor.is_cpu:
+            index = index_on(row, tensor.device) if index_on is not None else index.to(tensor.device)
+        words = element_words(tensor.contiguous()).index_select(0, index)
+        _row_words(table, values, row).copy_(words.cpu())
+
+
+def scatter(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Values, *, index_on: Callable[
+        [int, torch.device], torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Writes ``values`` (the table's buffer layout) into every tensor at its masked positions, in place.
+
+    Tensors that are not contiguous are written through a contiguous copy.
+    """
+    found = rows(tensors)
+    if found.any_native:
+        sources = _value_addresses(table, values)
+        args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, sources)
+        _run(_halves(np.diff(table.index_starts)), lambda a, b: _c().scatter_table(a, b, *args))
+    for row in found.fallback:
+        tensor = found.tensors[row].detach()
+        index = table.row_index(row)
+        if not tensor.is_cpu:
+            index = index_on(row, tensor.device) if index_on is not None else index.to(tensor.device)
+        work = tensor if tensor.is_contiguous() else tensor.contiguous()
+        element_words(work).index_copy_(0, index, _row_words(table, values, row).to(tensor.device))
+        if work is not tensor:
+            tensor.copy_(work)
+
+
+# The exact check --------------------------------------------------------------------------------
+
+
+def scan_all(
+    table: MaskTable,
+    tensors: Sequence[torch.Tensor] | Rows,
+    values: Values,
+    base_values: Values,
+    *,
+    row_plan: Callable[[int], scan.RowPlan],
+    scratch: Callable[[], torch.Tensor],
+    scratch_lock: threading.Lock,
+) -> Pairs:
+    """The exact check of every tensor: gathers masked values into ``values``; returns the (row, chunk) that differ."""
+    found = rows(tensors)
+    differing: Pairs = []
+    if found.any_native:
+        args = (
+            found.addresses,
+            table.numels,
+            table.itemsizes,
+            table.index_starts,
+            table.index,
+            _value_addresses(table, values),
+            _value_addresses(table, base_values),
+            table.chunk_elements,
+            table.digest_starts,
+            table.digests,
+        )
+        for pairs in _run(_halves(_nbytes(table)), lambda a, b: _c().scan_table(a, b, *args)):
+            differing.extend(pairs)
+    for row in found.fallback:
+        entry = table.entries[row]
+        tensor = plain(found.tensors[row].detach()).contiguous()
+        with scratch_lock:
+            words, chunks = scan.scan(entry, row_plan(row), tensor, scratch())
+        _row_words(table, values, row).copy_(words.cpu())
+        differing.extend((row, chunk) for chunk in chunks)
+    return sorted(differing)
+
+
+# Checked copies ---------------------------------------------------------------------------------
+
+
+def _chunk_bytes(table: MaskTable) -> npt.NDArray[np.int64]:
+    return table.chunk_elements * table.itemsizes
+
+
+def copy_check(
+    table: MaskTable,
+    targets: Sequence[torch.Tensor | None] | Rows,
+    sources: Sequence[torch.Tensor] | Rows,
+    *,
+    verify: bool = True,
+) -> Pairs:
+    """Copies each base tensor ``sources[row]`` into ``targets[row]`` (contiguous CPU, or None to only hash) and
+    hashes every chunk of what was copied against the manifest; returns (row, first failing chunk) per failing row.
+
+    Hashing the copy, not the source, proves the bytes the caller gets; copying and hashing
+    one block at a time reads the source from memory once. ``verify=False`` only copies.
+    """
+    found = rows(sources)
+    source_addresses, fallback = found.addresses.copy(), set(found.fallback)
+    if isinstance(targets, Rows):
+        target_list: Sequence[torch.Tensor | None] = targets.tensors
+        target_addresses = targets.addresses.copy()
+        fallback.update(targets.fallback)
+    else:
+        target_list = targets
+        target_addresses = np.zeros(len(found), dtype=np.uint64)
+        for row, target in enumerate(targets):
+            if target is None:
+                continue
+            if native_row(target):
+                target_addresses[row] = target.data_ptr()
+            else:
+                fallback.add(row)
+    for row in fallback:
+        source_addresses[row] = 0
+    failing: Pairs = []
+    if native.module is not None and source_addresses.any():
+        args = (
+            target_addresses,
+            source_addresses,
+            _nbytes(table),
+            _chunk_bytes(table),
+            table.digest_starts,
+            table.digests,
+            verify,
+        )
+        for pairs in _run(_halves(_nbytes(table)), lambda a, b: _c().copy_check(a, b, *args)):
+            failing.extend(pairs)
+    for row in sorted(fallback):
+        entry = table.entries[row]
+        target = target_list[row]
+        data = byte_view(plain(found.tensors[row].detach()).contiguous().cpu())
+        if target is not None:
+            byte_view(target).copy_(data)
+            data = byte_view(target)
+        if not verify:
+            continue
+        per_chunk = int(_chunk_bytes(table)[row])
+        for number, (start, stop) in enumerate(chunk_ranges(data.numel(), per_chunk)):
+            if digest_of(data[start:stop]) != entry.chunk_digests[number]:
+                failing.append((row, number))
+                break
+    return sorted(failing)
+
+
+def check_chunks(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows) -> Pairs:
+    """Hashes every chunk of each tensor in place against the manifest; (row, first failing chunk) per failing row."""
+    found = rows(tensors)
+    return copy_check(table, [None] * len(found), found)
