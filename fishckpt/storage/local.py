@@ -95,9 +95,17 @@ def exclusive_lock(lock_path: Path, *, timeout: float = 0.0) -> Iterator[None]:
     Raises:
         StoreLockedError: Another process still held the lock when the time ran out.
     """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            break
+        except FileNotFoundError:
+            # The folder is being swapped by a create with overwrite (two renames): wait for it.
+            if time.monotonic() > deadline + 1.0:
+                raise
+            time.sleep(0.001)
     try:
-        deadline = time.monotonic() + max(0.0, timeout)
         pause = 0.001
         while True:
             try:

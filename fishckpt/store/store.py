@@ -10,11 +10,12 @@ The store orchestrates; each step of its work is a call into the module that own
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -388,8 +389,7 @@ class CheckpointStore:
         step = pending.step
         key = self._key(step)
         where = self._storage.where(key)
-        with self._storage.lock(timeout=self._lock_timeout):
-            self._check_same_store()
+        with self._locked():
             if self._storage.stat(key) is not None and not pending.overwrite:
                 raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
             self._storage.remove_stale_temps(STEPS_DIR)
@@ -432,6 +432,18 @@ class CheckpointStore:
                 f"{self.location}: this store is in format 1, which this fishckpt reads but no longer writes; "
                 f"run `fishckpt upgrade {self.location}` (or CheckpointStore.upgrade) to save into it"
             )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Holds the writer lock, and checks under it that the store at the path is still this one."""
+        try:
+            with self._storage.lock(timeout=self._lock_timeout):
+                self._check_same_store()
+                yield
+        except FileNotFoundError as error:
+            raise StoreReplacedError(
+                f"{self.location}: the store was removed since it was opened ({error}); nothing was written"
+            ) from error
 
     def _check_same_store(self) -> None:
         """Under the lock: the store at this location is still the one this object opened."""
@@ -623,8 +635,7 @@ class CheckpointStore:
     def delete(self, step: int) -> None:
         """Removes a saved step. Other steps never depend on it."""
         step = check_step(step)
-        with self._storage.lock(timeout=self._lock_timeout):
-            self._check_same_store()
+        with self._locked():
             try:
                 self._storage.delete(self._key(step))
             except FileNotFoundError:
@@ -660,15 +671,11 @@ class CheckpointStore:
             layout = self._layout
             layout.base()
             if whole_base:
-                for row, chunk in batch.check_chunks(
-                    layout.table, [layout.base()[e.name] for e in layout.table.entries]
-                ):
-                    failures.append(
-                        VerifyFailure(
-                            base_file, layout.table.entries[row].name, f"chunk {chunk} does not match its digest"
-                        )
-                    )
-            layout.base_values()
+                for row, chunk in batch.check_chunks(layout.table, layout.base_rows()):
+                    name = layout.table.entries[row].name
+                    failures.append(VerifyFailure(base_file, name, f"chunk {chunk} does not match its digest"))
+            if not failures:  # a base found damaged chunk by chunk needs no second report
+                layout.base_values()
         except (IntegrityError, FormatError) as error:
             failures.append(VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file))))
         base_ok = not failures
@@ -685,9 +692,9 @@ class CheckpointStore:
                 record, step_file = self._catalog.read_record(number, sections=True)
                 if base_ok:
                     decoded = stepcodec.decode(self._layout, record, step_file, where=str(file), check=False)
-                    for name in stepcodec.content_failures(self._layout, decoded):
+                    for tensor in stepcodec.content_failures(self._layout, decoded):
                         what = "does not match its recorded digest"
-                        failures.append(VerifyFailure(file, name, what if name else "content " + what))
+                        failures.append(VerifyFailure(file, tensor, what if tensor else "content " + what))
                 checked.append(number)
             except StepNotFoundError:
                 gone.append(number)
