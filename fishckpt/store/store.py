@@ -94,6 +94,8 @@ class CheckpointStore:
         *,
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: PathLike | None = None,
     ) -> CheckpointStore:
         """Creates a store from a dense base (state dict or module) and a mask.
 
@@ -106,13 +108,15 @@ class CheckpointStore:
             mask: Which entries may change. Every mask tensor must be in ``base`` with the same shape.
             overwrite: Replace an existing fishckpt store at ``path`` (never any other folder).
             chunk_bytes: Granularity of the base's digests (default 4 MiB).
+            storage_options: fsspec options for a URL ``path`` (``s3://bucket/run``); see docs/storage.md.
+            cache_dir: Where a remote store's base is cached (default ``~/.cache/fishckpt/bases``).
 
         Raises:
             StoreExistsError: ``path`` holds files and ``overwrite`` does not apply.
             MaskMismatchError: The mask names a tensor the base lacks, or a shape differs.
             FormatError: A tensor has a dtype fishckpt cannot store.
         """
-        storage = open_storage(path)
+        storage = open_storage(path, storage_options=storage_options, cache_dir=cache_dir)
         where = storage.url
         found = storage.root_state(MANIFEST_NAME)
         if found is RootState.NOT_A_FOLDER:
@@ -140,19 +144,31 @@ class CheckpointStore:
         return cls(storage, manifest, mask)
 
     @staticmethod
-    def is_store(path: PathLike | Storage) -> bool:
-        """Whether ``path`` looks like a store (has a manifest); ``open`` checks it fully."""
-        return open_storage(path).root_state(MANIFEST_NAME) is RootState.STORE
+    def is_store(path: PathLike | Storage, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+        """Whether ``path`` (a folder or a URL) looks like a store (has a manifest); ``open`` checks it fully."""
+        return open_storage(path, storage_options=storage_options).root_state(MANIFEST_NAME) is RootState.STORE
 
     @classmethod
-    def open(cls, path: PathLike | Storage) -> CheckpointStore:
+    def open(
+        cls,
+        path: PathLike | Storage,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: PathLike | None = None,
+    ) -> CheckpointStore:
         """Opens an existing store; checks its manifest and mask (the base is checked as it is read).
+
+        Args:
+            path: The store folder, or a URL such as ``s3://bucket/run1`` (``pip install 'fishckpt[remote]'``).
+            storage_options: fsspec options for a URL (credentials, endpoint); see docs/storage.md.
+            cache_dir: Where a remote store's base is cached, downloaded once per machine
+                (default ``~/.cache/fishckpt/bases``).
 
         Raises:
             FormatError: ``path`` is not a store, or was written by a newer fishckpt.
             IntegrityError: The manifest or mask file is corrupted.
         """
-        storage = open_storage(path)
+        storage = open_storage(path, storage_options=storage_options, cache_dir=cache_dir)
         if isinstance(storage, LocalStorage) and not storage.root.is_dir():
             raise FormatError(f"{storage.url}: no such store folder")
         manifest_where = storage.where(MANIFEST_NAME)
