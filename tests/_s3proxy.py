@@ -41,6 +41,7 @@ class Hold:
     matches: Callable[[str, str], bool]
     count: int = 1  # release on its own once this many are held (a rendezvous), unless manual
     manual: bool = False
+    drop_rest: bool = False  # after the release, cut the server off with half the body: a writer that died
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
     held: int = 0
@@ -65,77 +66,78 @@ class Proxy:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-            def _body(self) -> bytes:
-                length = self.headers.get("Content-Length")
-                if length is not None:
-                    return self._read_exactly(int(length))
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    raw = bytearray()
-                    while True:
-                        line = self.rfile.readline()
-                        raw += line
-                        size = int(line.split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while True:  # trailers, up to the empty line
-                                trailer = self.rfile.readline()
-                                raw += trailer
-                                if trailer in (b"\r\n", b"\n", b""):
-                                    return bytes(raw)
-                        raw += self._read_exactly(size + 2)
-                return b""
+            def _forward_body(self, upstream: http.client.HTTPConnection | None) -> int:
+                """Streams the request body to ``upstream`` (None: read and drop it); returns its size.
 
-            def _read_exactly(self, size: int) -> bytes:
+                A held upload has its first half sent on to the server before the hold, so the
+                server really is mid-upload while the test kills the writer or reads the store.
+                """
+                length = self.headers.get("Content-Length")
+                if length is None and self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    raise ConnectionError("chunked uploads are not relayed by this proxy")
+                size = int(length or 0)
                 hold = proxy.hold
-                if hold is not None and size > 1 and hold.matches(self.command, self.path):
-                    first = self.rfile.read(size // 2)
-                    proxy._wait(hold)
-                    rest = self.rfile.read(size - len(first))
-                    if len(first) + len(rest) < size:
+                first = size // 2 if hold is not None and size > 1 and hold.matches(self.command, self.path) else size
+                for part, wait in ((first, first < size), (size - first, False)):
+                    data = self.rfile.read(part)
+                    if upstream is not None and data:
+                        upstream.send(data)
+                    if len(data) < part:
                         raise ConnectionError("the client went away mid-upload")
-                    return first + rest
-                data = self.rfile.read(size)
-                if len(data) < size:
-                    raise ConnectionError("the client went away mid-upload")
-                return data
+                    if wait:
+                        assert hold is not None
+                        proxy._wait(hold)
+                        if hold.drop_rest:
+                            raise ConnectionError("the writer died mid-upload")
+                return size
 
             def _relay(self) -> None:
-                try:
-                    body = self._body()
-                except (ConnectionError, OSError):
-                    self.close_connection = True
-                    return
                 with proxy._lock:
                     throttled = proxy.throttle_remaining > 0
                     if throttled:
                         proxy.throttle_remaining -= 1
                 if throttled:
-                    self._answer(503, {"Content-Type": "application/xml"}, SLOW_DOWN, len(body))
+                    try:
+                        sent = self._forward_body(None)
+                    except (ConnectionError, OSError):
+                        self.close_connection = True
+                        return
+                    self._answer(503, {"Content-Type": "application/xml"}, SLOW_DOWN, sent)
                     return
                 connection = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
-                    headers = {key: value for key, value in self.headers.items()}
                     connection.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                    for key, value in headers.items():
-                        connection.putheader(key, value)
-                    connection.endheaders(body if body else None)
+                    for key, value in self.headers.items():
+                        if key.lower() != "expect":  # the proxy answers 100-continue itself
+                            connection.putheader(key, value)
+                    connection.endheaders()
+                    try:
+                        sent = self._forward_body(connection)
+                    except (ConnectionError, OSError):
+                        self.close_connection = True  # the upstream connection closes with a partial body
+                        return
                     response = connection.getresponse()
                     payload = response.read()
                     out = {k: v for k, v in response.getheaders() if k.lower() not in ("transfer-encoding",)}
                     out["Content-Length"] = str(len(payload))
-                    self._answer(response.status, out, payload, len(body))
+                    self._answer(response.status, out, payload, sent)
                 finally:
                     connection.close()
 
             def _answer(self, status: int, headers: dict[str, str], payload: bytes, sent: int) -> None:
                 with proxy._lock:
-                    proxy.seen.append(Seen(self.command, self.path, self.headers.get("Range"), sent, len(payload), status))
+                    seen = Seen(self.command, self.path, self.headers.get("Range"), sent, len(payload), status)
+                    proxy.seen.append(seen)
                 self.send_response_only(status)
                 headers.setdefault("Content-Length", str(len(payload)))
                 for key, value in headers.items():
                     self.send_header(key, value)
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(payload)
+                    try:
+                        self.wfile.write(payload)
+                    except (BrokenPipeError, ConnectionResetError):
+                        self.close_connection = True  # the client was killed; nothing to tell it
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 

@@ -88,7 +88,7 @@ class S3Server:
         return options
 
     def stop(self) -> None:
-        """Stops the server (SIGTERM, then SIGKILL after 1 s: its graceful stop can take 10 s, and its data is thrown away) and removes its data."""
+        """Stops the server and removes its data: SIGTERM, then SIGKILL after 1 s (a graceful stop takes 10 s)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
