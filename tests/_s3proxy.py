@@ -119,7 +119,8 @@ class Proxy:
                     response = connection.getresponse()
                     payload = response.read()
                     out = {k: v for k, v in response.getheaders() if k.lower() not in ("transfer-encoding",)}
-                    out["Content-Length"] = str(len(payload))
+                    if self.command != "HEAD":  # a HEAD's Content-Length is the object's size: keep it
+                        out["Content-Length"] = str(len(payload))
                     self._answer(response.status, out, payload, sent)
                 finally:
                     connection.close()

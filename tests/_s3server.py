@@ -141,8 +141,15 @@ def start(folder: Path, *, attempts: int = 3) -> S3Server:
             "-s3",
             f"-s3.port={s3}",
             f"-s3.config={config}",
-            "-master.volumeSizeLimitMB=64",  # small volumes: the default 30 GB preallocation is needless here
+            # Small volumes, and enough of them: each bucket is a collection with volumes of its own, and
+            # space freed by overwrites and deletes comes back only after a vacuum.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=64",
             "-volume.preStopSeconds=0",
+            # These two listen on fixed ports (8181, 9101) by default, so a second server on the machine
+            # (another test run, the benchmark) would die at start; the tests use neither.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         with open(log, "wb") as sink:
             process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=run_folder)

@@ -255,7 +255,7 @@ def test_an_unreachable_endpoint_is_named(tmp_path: Path) -> None:
         "key": "k",
         "secret": "s",
         "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{closed}"},
-        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 2}, "connect_timeout": 2},
+        "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 2},
         "skip_instance_cache": True,
     }
     started = time.monotonic()

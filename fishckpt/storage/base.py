@@ -128,4 +128,8 @@ class Storage(abc.ABC):
         Yields the storage to write the new store into. If the block raises,
         nothing of it remains. With ``replace``, the store at this location is
         swapped out, under its writer lock.
+
+        Object storage has no folder rename: ``FsspecStorage`` builds in place, and the
+        store appears at once because the store publishes its marker (the manifest) last.
+        There, a builder killed midway leaves objects without a marker (docs/storage.md).
         """
