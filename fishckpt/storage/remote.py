@@ -358,7 +358,7 @@ class FsspecStorage(Storage):
 
     def stat(self, name: str) -> ObjectInfo | None:
         try:
-            info: dict[str, Any] = self._call("stat", name, lambda: self._fs.info(self._path(name)))
+            info: dict[str, Any] = self._call("stat", name, lambda: self._info(self._path(name)))
         except FileNotFoundError:
             return None
         if info.get("type") != "file":
@@ -368,6 +368,21 @@ class FsspecStorage(Storage):
             str(info.get(key)) for key in ("ETag", "LastModified", "mtime", "created", "ino") if key in info
         )
         return ObjectInfo(int(info["size"]), (int(info["size"]), *version))
+
+    def _info(self, path: str) -> dict[str, Any]:
+        """What ``stat`` needs. On S3 one HEAD: s3fs's ``info`` follows a 404 with a LIST, to
+        look for a "directory" of that name, which a store's object names never are."""
+        if not self._conditional:
+            found: dict[str, Any] = self._fs.info(path)
+            return found
+        bucket, key, _ = self._fs.split_path(path)
+        head = self._fs.call_s3("head_object", Bucket=bucket, Key=key)
+        return {
+            "type": "file",
+            "size": head["ContentLength"],
+            "ETag": head.get("ETag"),
+            "LastModified": head.get("LastModified"),
+        }
 
     def list(self, folder: str) -> list[str]:
         path = self._path(folder.rstrip("/"))
