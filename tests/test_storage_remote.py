@@ -140,10 +140,14 @@ def test_new_root_builds_in_place_and_undoes_a_failed_build(kind: str, new_url, 
         assert storage.root_state("marker") is RootState.OTHER  # in place: objects, but no marker yet
         staging.publish("marker", [b"1"], overwrite=False)
     assert storage.root_state("marker") is RootState.STORE
+    sibling = FsspecStorage(url + "2", storage_options=options, cache_dir=tmp_path)  # a prefix of the same letters
+    sibling.make_folder("")
+    sibling.publish("keep", [b"k"], overwrite=False)
     with storage.new_root(replace=True) as staging:
         staging.publish("marker", [b"2"], overwrite=False)
     assert storage.read("marker") == b"2"
     assert storage.stat("data") is None  # the replaced store's objects are gone
+    assert sibling.read("keep") == b"k"  # and nothing outside it
 
 
 def test_a_create_that_loses_a_race_is_a_store_exists_error(new_url, tmp_path: Path) -> None:
@@ -289,3 +293,12 @@ def test_configuration_comes_from_the_environment_or_a_profile(
     )
     assert store.steps == [1]
     assert_state_bits_equal(store.load(1), base)
+
+
+def test_a_local_file_system_error_names_the_url_without_cloud_hints(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    storage = FsspecStorage((tmp_path / "store").as_uri(), cache_dir=tmp_path / "cache")
+    (tmp_path / "store" / "steps").write_bytes(b"a file where a folder should be")
+    with pytest.raises(StorageError, match=rf"{(tmp_path / 'store').as_uri()}/steps/a: upload failed \(") as raised:
+        storage.publish("steps/a", [b"x"], overwrite=False)
+    assert "AWS" not in str(raised.value)

@@ -236,6 +236,8 @@ class FsspecStorage(Storage):
             return error
         if isinstance(error, FileExistsError) or (what == "create" and precondition_failed(error)):
             return error if isinstance(error, FileExistsError) else FileExistsError(f"{where}: already exists")
+        if not self._conditional:  # a local or in-memory file system: its own error says it all
+            return StorageError(f"{where}: {what} failed ({type(error).__name__}: {error})")
         if names & _NO_CREDENTIALS:
             return StorageError(
                 f"{where}: no credentials found for {what}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
