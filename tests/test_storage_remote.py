@@ -302,3 +302,12 @@ def test_a_local_file_system_error_names_the_url_without_cloud_hints(tmp_path: P
     with pytest.raises(StorageError, match=rf"{(tmp_path / 'store').as_uri()}/steps/a: upload failed \(") as raised:
         storage.publish("steps/a", [b"x"], overwrite=False)
     assert "AWS" not in str(raised.value)
+
+
+def test_importing_fishckpt_does_not_import_fsspec() -> None:
+    """fsspec and s3fs load only when a URL is opened: local users and the CLI's start-up pay nothing."""
+    import subprocess
+
+    probe = "import sys, fishckpt; print(sorted(m for m in ('fsspec', 's3fs', 'botocore') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

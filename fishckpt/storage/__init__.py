@@ -11,8 +11,9 @@ from ..errors import InvalidArgumentError, StorageError
 from .base import ObjectInfo, RootState, Storage
 from .local import LocalStorage
 from .memory import MemoryStorage
+from .remote import FsspecStorage, url_scheme  # fsspec itself is imported only when a URL is opened
 
-__all__ = ["LocalStorage", "MemoryStorage", "ObjectInfo", "RootState", "Storage", "open_storage"]
+__all__ = ["FsspecStorage", "LocalStorage", "MemoryStorage", "ObjectInfo", "RootState", "Storage", "open_storage"]
 
 # "s3:/bucket/run" is what "s3://bucket/run" becomes after a trip through Path; it must never
 # become a local folder named "s3:".
@@ -51,11 +52,7 @@ def open_storage(
             raise InvalidArgumentError("storage_options apply to a URL, not to a Storage object")
         return location
     text = str(location)
-    from .remote import url_scheme  # remote.py imports fsspec lazily, so this costs nothing
-
     if url_scheme(text) is not None:
-        from .remote import FsspecStorage
-
         return FsspecStorage(text, storage_options=storage_options, cache_dir=cache_dir)
     collapsed = _COLLAPSED_URL.match(text)
     if collapsed:
