@@ -311,3 +311,22 @@ def test_importing_fishckpt_does_not_import_fsspec() -> None:
     probe = "import sys, fishckpt; print(sorted(m for m in ('fsspec', 's3fs', 'botocore') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["memory-url", "file-url", "s3"])
+def test_a_large_object_is_spooled_to_disk_and_still_created_only_once(
+    kind: str, new_url, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fishckpt.storage import remote
+
+    monkeypatch.setattr(remote, "SPOOL_IN_MEMORY_BYTES", 1000)  # as a multi-GB base would be
+    url, options = new_url(kind)
+    storage = FsspecStorage(url, storage_options=options, cache_dir=tmp_path / "cache")
+    storage.make_folder("")
+    pieces = [bytes([n]) * 700 for n in range(5)]
+    assert storage.publish("big", iter(pieces), overwrite=False) == 3500
+    assert storage.read("big") == b"".join(pieces)
+    with pytest.raises(FileExistsError):
+        storage.publish("big", iter(pieces[:2]), overwrite=False)
+    assert storage.read("big") == b"".join(pieces)
+    assert list((tmp_path / "cache").iterdir()) == []  # the spool file is gone
