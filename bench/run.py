@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_method
+import bench_remote
 import bench_store
 
 
@@ -23,6 +24,8 @@ def main() -> None:
     )
     print("\n## Store (issue: sparse checkpoint store)")
     bench_store.run(print)
+    print("\n## Remote stores (issue 13)")
+    bench_remote.run(print)
     print("\n## Method (issue: FISH masks and masked training)")
     bench_method.run(print)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")

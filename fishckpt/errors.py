@@ -19,6 +19,7 @@ __all__ = [
     "StateMismatchError",
     "StepExistsError",
     "StepNotFoundError",
+    "StorageError",
     "StoreExistsError",
     "StoreLockedError",
     "StoreReplacedError",
@@ -81,6 +82,13 @@ class StepExistsError(FishckptError):
 
 class StoreExistsError(FishckptError):
     """A store (or other files) already exists where a new store was to be created."""
+
+
+class StorageError(FishckptError):
+    """Where a store lives could not be used: missing credentials or bucket, the network, throttling, no backend.
+
+    The message names the URL and says what to check; the server's own error code is quoted in it.
+    """
 
 
 class StoreLockedError(FishckptError):

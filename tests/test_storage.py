@@ -1,4 +1,5 @@
-"""The Storage interface, held to one contract on every backend: local folders and the in-memory fake."""
+"""The Storage interface, held to one contract on every backend: local folders, the in-memory fake, and fsspec
+URLs (memory://, file:// and a real S3 server)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import pytest
 
 from fishckpt import StoreLockedError
 from fishckpt.storage import LocalStorage, MemoryStorage, RootState, Storage
+from fishckpt.storage.remote import FsspecStorage
 
 
-@pytest.fixture(params=["local", "memory"])
-def storage(request: pytest.FixtureRequest, tmp_path) -> Storage:
+@pytest.fixture(params=["local", "memory", "memory-url", "file-url", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path, new_url) -> Storage:
     if request.param == "local":
         (tmp_path / "root" / "steps").mkdir(parents=True)
         return LocalStorage(tmp_path / "root")
-    return MemoryStorage("t")
+    if request.param == "memory":
+        return MemoryStorage("t")
+    url, options = new_url(request.param)
+    found = FsspecStorage(url, storage_options=options, cache_dir=tmp_path / "cache")
+    found.make_folder("steps")
+    return found
 
 
 def test_publish_creates_and_never_clobbers(storage: Storage) -> None:

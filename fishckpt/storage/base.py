@@ -138,4 +138,8 @@ class Storage(abc.ABC):
         ``replace``, the store at this location is swapped out under its writer lock
         (waiting up to ``timeout`` seconds); otherwise anything ``root_state`` counted
         as an interrupted create's leftovers (``owned`` names) is removed first.
+
+        Object storage has no folder rename: ``FsspecStorage`` builds in place, and the
+        store appears at once because the store publishes its marker (the manifest) last.
+        There, a builder killed midway leaves objects without a marker (docs/storage.md).
         """

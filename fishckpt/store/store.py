@@ -115,6 +115,8 @@ class CheckpointStore:
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: PathLike | None = None,
     ) -> CheckpointStore:
         """Creates a store from a dense base (state dict or module) and a mask.
 
@@ -130,6 +132,8 @@ class CheckpointStore:
                 swap waits for the store's writer lock, and writers of the old store then fail.
             chunk_bytes: Granularity of the base's digests (default 4 MiB).
             lock_timeout: Seconds to wait for another writer's lock, here and in later saves.
+            storage_options: fsspec options for a URL ``path`` (``s3://bucket/run``); see docs/storage.md.
+            cache_dir: Where a remote store's base is cached (default ``~/.cache/fishckpt/bases``).
 
         Raises:
             StoreExistsError: ``path`` holds files and ``overwrite`` does not apply.
@@ -138,7 +142,7 @@ class CheckpointStore:
                 not a dense tensor.
             FormatError: A tensor has a dtype fishckpt cannot store.
         """
-        storage = open_storage(path)
+        storage = open_storage(path, storage_options=storage_options, cache_dir=cache_dir)
         where = storage.url
         found = storage.root_state(_MARKERS, _OWNED)
         if found is RootState.NOT_A_FOLDER:
@@ -172,23 +176,33 @@ class CheckpointStore:
         return cls(storage, manifest, mask, lock_timeout=lock_timeout)
 
     @staticmethod
-    def is_store(path: PathLike | Storage) -> bool:
-        """Whether ``path`` looks like a store (has a manifest); ``open`` checks it fully."""
-        return open_storage(path).root_state(_MARKERS) is RootState.STORE
+    def is_store(path: PathLike | Storage, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+        """Whether ``path`` (a folder or a URL) looks like a store (has a manifest); ``open`` checks it fully."""
+        return open_storage(path, storage_options=storage_options).root_state(_MARKERS) is RootState.STORE
 
     @classmethod
-    def open(cls, path: PathLike | Storage, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> CheckpointStore:
+    def open(
+        cls,
+        path: PathLike | Storage,
+        *,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: PathLike | None = None,
+    ) -> CheckpointStore:
         """Opens an existing store; checks its manifest and mask (the base is checked as it is read).
 
         Args:
-            path: The store folder.
+            path: The store folder, or a URL such as ``s3://bucket/run1`` (``pip install 'fishckpt[remote]'``).
             lock_timeout: Seconds a save, delete or prune waits for another writer's lock.
+            storage_options: fsspec options for a URL (credentials, endpoint); see docs/storage.md.
+            cache_dir: Where a remote store's base is cached, downloaded once per machine
+                (default ``~/.cache/fishckpt/bases``).
 
         Raises:
             FormatError: ``path`` is not a store, or was written by a newer fishckpt.
             IntegrityError: The manifest or mask file is corrupted.
         """
-        storage = open_storage(path)
+        storage = open_storage(path, storage_options=storage_options, cache_dir=cache_dir)
         manifest = read_manifest(storage)
         where = storage.where(mask_name(manifest.version))
         try:
