@@ -226,6 +226,16 @@ def fsdp_suite(rank: int, world: int, write: Writer) -> None:
         )
     finish("fsdp_mask_grads", net, optimizer, grads)
 
+    # HSDP: a 2-d mesh (1 replica group x world shards), parameters placed (Replicate(), Shard(0)).
+    hsdp_mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+    net = make_net(FSDP_DIMS)
+    for layer in (net.embed, net.hidden, net.head):
+        fully_shard(layer, mesh=hsdp_mesh)
+    fully_shard(net, mesh=hsdp_mesh)
+    optimizer = SparseAdamW(net, mask, lr=LR)
+    run_steps(net, optimizer, steps=STEPS, world=world, dims=FSDP_DIMS, rows=rows)
+    finish("hsdp", net, optimizer, {})
+
     dtensor_by_hand(mesh, write)
     placements(mesh, write)
 

@@ -92,7 +92,7 @@ def test_ddp_ranks_stay_bitwise_identical(ddp_run: tuple[int, Path], scenario: s
 def test_ddp_matches_single_process_on_the_combined_batch(ddp_run: tuple[int, Path], scenario: str) -> None:
     world, out = ddp_run
     options = DDP_SCENARIOS[scenario]
-    expected, mask, expected_grads = reference(DDP_DIMS, world, _sparse_adamw, steps=STEPS, **options)  # type: ignore[arg-type]
+    expected, mask, expected_grads = reference(DDP_DIMS, world, _sparse_adamw, steps=STEPS, **options)
     initial = dict(make_net(DDP_DIMS, spare=bool(options.get("spare"))).named_parameters())
     tensors, _ = next(results(out, scenario, world))
     params, grads = section(tensors, "param"), section(tensors, "grad")
@@ -228,11 +228,16 @@ def _shard_rows(rows: int, world: int, rank: int) -> range:
     return range(int(chunks[rank][0]), int(chunks[rank][-1]) + 1)
 
 
-def test_fsdp_sparse_adamw_matches_single_process(fsdp_run: tuple[int, Path]) -> None:
+@pytest.mark.parametrize("scenario", ["fsdp_adamw", "hsdp"])
+def test_fsdp_sparse_adamw_matches_single_process(fsdp_run: tuple[int, Path], scenario: str) -> None:
+    """FSDP2 on a 1-d mesh (Shard(0)), and HSDP on a 2-d one ((Replicate(), Shard(0)))."""
     world, out = fsdp_run
     expected, mask, _ = reference(FSDP_DIMS, world, _sparse_adamw, steps=STEPS)
     initial = dict(make_net(FSDP_DIMS).named_parameters())
-    ranks = [section(tensors, "param") for tensors, _ in results(out, "fsdp_adamw", world)]
+    placements = {"fsdp_adamw": "(Shard(dim=0),)", "hsdp": "(Replicate(), Shard(dim=0))"}[scenario]
+    records = [record for _, record in results(out, scenario, world)]
+    assert all(placement == placements for record in records for placement in record["placements"].values())
+    ranks = [section(tensors, "param") for tensors, _ in results(out, scenario, world)]
     for name, param in expected.named_parameters():
         for other in ranks[1:]:
             assert_bits_equal(other[name], ranks[0][name], key=name)
