@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_ddp
 import bench_method
 import bench_remote
 import bench_store
@@ -28,6 +29,8 @@ def main() -> None:
     bench_remote.run(print)
     print("\n## Method (issue: FISH masks and masked training)")
     bench_method.run(print)
+    print("\n## Distributed (issue 12)")
+    bench_ddp.run(print)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 

@@ -22,6 +22,7 @@ LAYERS = {
     "fishckpt.store": 4,
     "fishckpt.method": 4,
     "fishckpt.diff": 4,
+    "fishckpt.distributed": 4,
 }
 
 
