@@ -1,13 +1,19 @@
-"""Stores written by format_version 1 keep loading, bit for bit."""
+"""Golden stores of each format version keep loading bit for bit, and format 2 is still written the same way."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_state_bits_equal
+import torch
+from conftest import assert_bits_equal, assert_state_bits_equal
 from golden_v1 import mask, step_state
+from golden_v2 import mask as golden_v2_mask
+from golden_v2 import optimizer_state as golden_v2_optimizer
+from golden_v2 import step_state as golden_v2_step
+from safetensors import safe_open
 
 from fishckpt import CheckpointStore, FormatError, OutsideMaskWarning
 
@@ -65,3 +71,65 @@ def test_golden_v1_store_upgrades_bit_exact(golden: CheckpointStore) -> None:
     assert_state_bits_equal(CheckpointStore.open(golden.path).load(3), step_state(2))
     with pytest.raises(FormatError, match="already format 2"):
         CheckpointStore.upgrade(golden.path)
+
+
+# Format 2 -----------------------------------------------------------------------------------------
+
+GOLDEN_V2 = Path(__file__).parent / "data" / "store_v2"
+
+
+@pytest.fixture
+def golden_v2(tmp_path: Path) -> CheckpointStore:
+    copy = tmp_path / "store_v2"
+    shutil.copytree(GOLDEN_V2, copy)
+    return CheckpointStore.open(copy)
+
+
+def test_golden_v2_store_loads_bit_exact(golden_v2: CheckpointStore) -> None:
+    assert golden_v2.format_version == 2 and golden_v2.steps == [1, 2]
+    assert golden_v2.mask == golden_v2_mask()
+    for step in (1, 2):
+        loaded = golden_v2.load(step)
+        assert_state_bits_equal(loaded, golden_v2_step(step))
+        assert loaded["head.weight"] is loaded["layer.weight"]
+    golden_v2.verify()
+    info = golden_v2.info(2)
+    assert info.metadata["note"] == "with changes" and math.isnan(info.metadata["loss"])
+    assert info.changed_outside_mask == {"layer.weight": 2, "counts": 50, "flags": 1}
+
+
+def test_golden_v2_training_state_loads(golden_v2: CheckpointStore) -> None:
+    class Receiver:
+        loaded: dict | None = None
+
+        def load_state_dict(self, state: dict) -> None:
+            self.loaded = state
+
+    receiver = Receiver()
+    golden_v2.load_training_state(2, receiver, rng=False)  # type: ignore[arg-type]
+    expected = golden_v2_optimizer(2)
+    assert receiver.loaded is not None
+    assert receiver.loaded["param_groups"] == expected["param_groups"]
+    got, want = receiver.loaded["state"][0], expected["state"][0]  # type: ignore[index]
+    assert got["step"] == want["step"]
+    assert_bits_equal(got["exp_avg"], want["exp_avg"])
+    assert_bits_equal(got["count"], want["count"])
+
+
+def test_format_2_is_still_written_byte_for_byte_the_same(golden_v2: CheckpointStore) -> None:
+    """Coding the golden states again gives the golden sections, byte for byte: the format has not drifted.
+
+    The exponent order's many ties make this fail if the order's sort stopped being stable.
+    """
+    golden_v2.save(golden_v2_step(1), 11, metadata={"note": "masked only"})
+    with pytest.warns(OutsideMaskWarning):
+        golden_v2.save(golden_v2_step(2), 12, metadata={"note": "with changes", "loss": float("nan")})
+    for golden_step, again in ((1, 11), (2, 12)):
+        with (
+            safe_open(golden_v2.step_path(golden_step), "pt") as before,
+            safe_open(golden_v2.step_path(again), "pt") as now,
+        ):
+            names = sorted(n for n in before.keys() if not n.startswith("training."))  # noqa: SIM118  # not a dict
+            assert names == sorted(now.keys())
+            for name in names:
+                assert torch.equal(before.get_tensor(name), now.get_tensor(name)), name
