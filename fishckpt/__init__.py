@@ -44,6 +44,7 @@ _EXPORTS = {
     "fishckpt.store.records": ["CheckpointInfo", "OutsideMaskTotal", "SaveInfo", "StoreReport", "VerifyReport"],
     "fishckpt.store.native": ["native_scan_available"],
     "fishckpt.store.store": ["CheckpointStore", "PendingSave"],
+    "fishckpt.train.checkpointer": ["Checkpointer", "resume"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -53,6 +54,7 @@ __all__ = [
     "Catalog",
     "CheckpointInfo",
     "CheckpointStore",
+    "Checkpointer",
     "FishckptError",
     "FormatError",
     "GradientMask",
@@ -91,6 +93,7 @@ __all__ = [
     "mask_gradients",
     "native_scan_available",
     "random_mask",
+    "resume",
     "save_state_file",
 ]
 
@@ -140,3 +143,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from .store.native import available as native_scan_available
     from .store.records import CheckpointInfo, OutsideMaskTotal, SaveInfo, StoreReport, VerifyReport
     from .store.store import CheckpointStore, PendingSave
+    from .train.checkpointer import Checkpointer, resume

@@ -23,6 +23,7 @@ LAYERS = {
     "fishckpt.method": 4,
     "fishckpt.diff": 4,
     "fishckpt.distributed": 4,
+    "fishckpt.train": 5,
 }
 
 

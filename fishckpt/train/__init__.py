@@ -1,0 +1,1 @@
+"""Tools for the training loop: the checkpoint manager and resume."""
