@@ -11,6 +11,7 @@ next call into the manager.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
@@ -220,10 +221,8 @@ class Checkpointer:
         keep_every = self.keep_every
         doomed = [s for s in self._saved if s not in newest and not (keep_every is not None and s % keep_every == 0)]
         for old in doomed:
-            try:
+            with contextlib.suppress(StepNotFoundError):  # deleted by someone else meanwhile: gone either way
                 self.store.delete(old)
-            except StepNotFoundError:
-                pass  # deleted by someone else meanwhile: gone either way
             self._saved.remove(old)
 
     def _finish(self) -> None:
