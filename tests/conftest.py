@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import uuid
 from collections.abc import Iterator
@@ -31,13 +32,18 @@ def assert_state_bits_equal(actual: dict[str, torch.Tensor], expected: dict[str,
         assert_bits_equal(actual[key], expected[key], key=key)
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "checksum"])
 def scan_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the C scan of the exact check, then with the torch fallback used where it is not built."""
+    """Runs a test with each way of the exact check: the C scan, the torch fallback used where it is
+    not built, and the device checksum (store/devicecheck.py) that CUDA tensors get, here on the CPU."""
     if request.param == "native" and not _scan.available():
         pytest.skip("the C extension was not built")
     if request.param == "torch":
         monkeypatch.setattr(_scan, "module", None)
+    if request.param == "checksum":
+        from fishckpt.store import capture
+
+        monkeypatch.setattr(capture, "collect", functools.partial(capture.collect, device_check=True))
     return str(request.param)
 
 
@@ -101,3 +107,17 @@ def new_location(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         return FsspecStorage(url, storage_options=options, cache_dir=tmp_path_factory.mktemp("cache"))
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs the other ways of the exact check on local stores only: they read the state, not the storage."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("scan_path", "native") != "native" and params.get("new_location", "local") != "local":
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

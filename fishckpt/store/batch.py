@@ -13,7 +13,7 @@ a mixture-of-experts state has tens of thousands of tensors (docs/benchmarks.md)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
@@ -71,11 +71,14 @@ class Rows:
 
     __slots__ = ("addresses", "fallback", "tensors")
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], *, only: Collection[int] | None = None) -> None:
+        """``only``: the rows to work on (default: all); the others are left alone by every function."""
         self.tensors = tensors
         self.addresses = np.zeros(len(tensors), dtype=np.uint64)
         self.fallback: list[int] = []
         for row, tensor in enumerate(tensors):
+            if only is not None and row not in only:
+                continue
             if native_row(tensor):
                 self.addresses[row] = tensor.data_ptr()
             else:
@@ -125,24 +128,49 @@ def _nbytes(table: MaskTable) -> npt.NDArray[np.int64]:
 # Gather and scatter -----------------------------------------------------------------------------
 
 
-def gather(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Values, *, index_on: Callable[
-        [int, torch.device], torch.Tensor] | None = None) -> None:  # fmt: skip
+def gather(
+    table: MaskTable,
+    tensors: Sequence[torch.Tensor] | Rows,
+    values: Values,
+    *,
+    index_on: Callable[[int, torch.device], torch.Tensor] | None = None,
+    pinned: Callable[[int], torch.Tensor] | None = None,
+) -> None:
     """Copies every tensor's masked elements into ``values`` (the table's buffer layout).
 
     ``index_on(row, device)`` gives a row's indices on a device, for tensors not on the CPU.
+    The masked values of all tensors on one device are gathered there into one buffer and
+    cross to the host in one copy, into ``pinned(nbytes)`` (a reused page-locked buffer) if given.
     """
     found = rows(tensors)
     if found.any_native:
         targets = _value_addresses(table, values)
         args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, targets)
         _run(_halves(np.diff(table.index_starts)), lambda a, b: _c().gather_table(a, b, *args))
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for row in found.fallback:
         tensor = plain(found.tensors[row].detach())
         index = table.row_index(row)
         if not tensor.is_cpu:
             index = index_on(row, tensor.device) if index_on is not None else index.to(tensor.device)
         words = element_words(tensor.contiguous()).index_select(0, index)
-        _row_words(table, values, row).copy_(words.cpu())
+        if tensor.is_cpu:
+            _row_words(table, values, row).copy_(words)
+        else:
+            by_device.setdefault(tensor.device, []).append((row, words.reshape(-1).view(torch.uint8)))
+    for parts in by_device.values():
+        on_device = torch.cat([part for _, part in parts])
+        host = (
+            pinned(on_device.numel())[: on_device.numel()]
+            if pinned is not None
+            else torch.empty_like(on_device, device="cpu")
+        )
+        host.copy_(on_device)  # one device-to-host copy of O(k) bytes
+        offset = 0
+        for row, part in parts:
+            size = part.numel()
+            table.row_values(values, row)[:] = host[offset : offset + size].numpy()
+            offset += size
 
 
 def scatter(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Values, *, index_on: Callable[

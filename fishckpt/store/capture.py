@@ -12,7 +12,7 @@ import torch
 from ..errors import InvalidArgumentError, StateMismatchError
 from ..format.bits import byte_view, bytes_as_elements, contiguous, differs, element_words, plain
 from ..format.manifest import TensorEntry
-from . import batch, scan
+from . import batch, devicecheck, scan
 from .layout import StoreLayout
 from .stepcodec import Change
 
@@ -102,23 +102,52 @@ def check_tensor(name: str, tensor: object) -> None:
         raise StateMismatchError(f"key {name!r} is on the meta device and holds no data; materialise it first")
 
 
-def collect(layout: StoreLayout, tensors: list[torch.Tensor], *, check: bool) -> Captured:
-    """Gathers the masked values of ``tensors`` (table rows) and, if ``check``, every change outside the mask."""
+def collect(
+    layout: StoreLayout, tensors: list[torch.Tensor], *, check: bool, device_check: bool | None = None
+) -> Captured:
+    """Gathers the masked values of ``tensors`` (table rows) and, if ``check``, every change outside the mask.
+
+    ``device_check`` picks the exact check's method: the xxh3 scan (on the host) or the
+    checksum computed where the tensor lives (store/devicecheck.py). None: the checksum
+    for tensors off the CPU, the scan for the others; True: the checksum for all.
+    """
     table = layout.table
     values = table.new_values()
-    found = batch.Rows(tensors)
     if not check:
-        batch.gather(table, found, values, index_on=layout.row_index_on)
+        batch.gather(table, batch.Rows(tensors), values, index_on=layout.row_index_on, pinned=layout.pinned)
         return Captured(values, {})
+    on_device = {
+        row
+        for row, tensor in enumerate(tensors)
+        if device_check is True or (device_check is None and not tensor.is_cpu)
+    }
+    on_host = [row for row in range(len(tensors)) if row not in on_device]
     differing = batch.scan_all(
         table,
-        found,
+        batch.Rows(tensors, only=on_host),
         values,
         layout.base_values(),
         row_plan=layout.row_plan,
         scratch=layout.scratch,
         scratch_lock=layout.scratch_lock,
     )
+    if on_device:
+        batch.gather(
+            table, batch.Rows(tensors, only=on_device), values, index_on=layout.row_index_on, pinned=layout.pinned
+        )
+        for row in sorted(on_device):
+            tensor = contiguous(plain(tensors[row].detach()))
+            index = layout.row_index_on(row, tensor.device)
+            chunks = devicecheck.differing_chunks(
+                table.entries[row],
+                tensor,
+                index,
+                element_words(tensor).index_select(0, index),
+                layout.device_base_words(row, tensor.device),
+                layout.base_sums(row),
+                int(table.chunk_elements[row]),
+            )
+            differing.extend((row, chunk) for chunk in chunks)
     by_row: dict[int, list[int]] = {}
     for row, chunk in differing:
         by_row.setdefault(row, []).append(chunk)

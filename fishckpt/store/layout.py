@@ -20,7 +20,7 @@ from ..format.manifest import Manifest, TensorEntry
 from ..format.names import BASE_NAME
 from ..mask import Mask
 from ..storage import Storage
-from . import batch
+from . import batch, devicecheck
 from .basefile import open_base
 from .scan import RowPlan
 from .table import build_table
@@ -47,6 +47,9 @@ class StoreLayout:
         self._scratch: torch.Tensor | None = None
         self.scratch_lock = threading.Lock()
         self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._device_base_words: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._base_sums: dict[int, torch.Tensor] = {}
+        self._pinned: torch.Tensor | None = None
 
     @property
     def base_where(self) -> str:
@@ -102,6 +105,29 @@ class StoreLayout:
         entry = self.table.entries[row]
         raw = self.table.row_values(self.base_values(), row)
         return bytes_as_elements(torch.from_numpy(raw), entry.dtype.itemsize)
+
+    def base_sums(self, row: int) -> torch.Tensor:
+        """The device check's chunk sums of base tensor ``row`` (store/devicecheck.py), computed once on the CPU."""
+        found = self._base_sums.get(row)
+        if found is None:
+            entry = self.table.entries[row]
+            base = self.base()[entry.name]
+            found = self._base_sums[row] = devicecheck.chunk_sums(entry, base, int(self.table.chunk_elements[row]))
+        return found
+
+    def device_base_words(self, row: int, device: torch.device) -> torch.Tensor:
+        """The base's element words at row ``row``'s mask indices, on ``device`` (copied there once)."""
+        key = (row, device)
+        found = self._device_base_words.get(key)
+        if found is None:
+            found = self._device_base_words[key] = self.base_row_values(row).to(device)
+        return found
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        """A page-locked host buffer of at least ``nbytes``, reused across saves (plain memory without CUDA)."""
+        if self._pinned is None or self._pinned.numel() < nbytes:
+            self._pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        return self._pinned
 
     def scratch(self) -> torch.Tensor:
         """One chunk of CPU bytes for the pure-Python scan; hold ``scratch_lock`` while using it."""

@@ -296,6 +296,7 @@ class CheckpointStore:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         rng: bool = False,
+        device_check: bool | None = None,
     ) -> SaveInfo:
         """Stores ``state`` as step ``step``: the masked values, plus anything changed outside the mask.
 
@@ -317,6 +318,11 @@ class CheckpointStore:
                 lists/tuples/dicts of them works; nothing is pickled.
             scheduler: Also store an LR scheduler's ``state_dict()``.
             rng: Also store the global torch (CPU, CUDA), Python and numpy random states.
+            device_check: How the exact check runs. None (default): tensors off the CPU (CUDA)
+                by a checksum computed where they live, so only O(k) values and a sum per chunk
+                cross PCIe; CPU tensors by the xxh3 scan. True: the checksum for every tensor
+                (it runs on CPU tensors too). False: the xxh3 scan for all, copying device
+                tensors to the host chunk by chunk. docs/exactness.md says what each promises.
 
         Returns:
             A SaveInfo with the bytes written, k, what changed outside the mask and the time taken.
@@ -340,6 +346,7 @@ class CheckpointStore:
             optimizer=optimizer,
             scheduler=scheduler,
             rng=rng,
+            device_check=device_check,
         )
         info = self.commit(pending, started=started)
         if info.changed_outside_mask:
@@ -358,6 +365,7 @@ class CheckpointStore:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
         rng: bool = False,
+        device_check: bool | None = None,
     ) -> PendingSave:
         """The first half of ``save``: reads everything it needs from the live state, and nothing more.
 
@@ -377,7 +385,7 @@ class CheckpointStore:
         if not overwrite and self._storage.stat(self._key(step)) is not None:
             where = self._storage.where(self._key(step))
             raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
-        captured = capture.collect(layout, checked, check=check_outside_mask)
+        captured = capture.collect(layout, checked, check=check_outside_mask, device_check=device_check)
         if strict and captured.changes:
             listing = ", ".join(
                 f"{name} ({change.positions.numel()} entries)" for name, change in captured.changes.items()

@@ -45,6 +45,8 @@ class Checkpointer:
             the fast path for states trained only through ``SparseAdamW``.
         rng: Save the global random states with each step, for an exact resume.
         overwrite: Replace a step that is saved already (default: that is an error).
+        device_check: How the exact check runs (see ``CheckpointStore.save``): by default a
+            checksum on the device for CUDA tensors, the xxh3 scan for CPU tensors.
         writer: Whether this process writes. None decides by itself: under ``torch.distributed``
             (DDP), rank 0 writes and the other ranks wait at a barrier and never touch the store.
 
@@ -68,6 +70,7 @@ class Checkpointer:
         rng: bool = True,
         overwrite: bool = False,
         writer: bool | None = None,
+        device_check: bool | None = None,
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise InvalidArgumentError(f"every must be a positive integer, got {every!r}")
@@ -82,6 +85,7 @@ class Checkpointer:
         self.check_outside_mask = check_outside_mask
         self.rng = rng
         self.overwrite = overwrite
+        self.device_check = device_check
         self._group = _process_group()
         self.writer = (self._group is None or self._group[0] == 0) if writer is None else writer
         self._thread: threading.Thread | None = None
@@ -142,6 +146,7 @@ class Checkpointer:
             optimizer=optimizer,
             scheduler=scheduler,
             rng=self.rng,
+            device_check=self.device_check,
         )
         if self.async_save:
             # Not a daemon: at interpreter exit Python waits for it, so a pending save completes.
