@@ -76,8 +76,9 @@ class Rows:
         self.tensors = tensors
         self.addresses = np.zeros(len(tensors), dtype=np.uint64)
         self.fallback: list[int] = []
+        keep = None if only is None else frozenset(only)
         for row, tensor in enumerate(tensors):
-            if only is not None and row not in only:
+            if keep is not None and row not in keep:
                 continue
             if native_row(tensor):
                 self.addresses[row] = tensor.data_ptr()

@@ -121,10 +121,9 @@ def collect(
         for row, tensor in enumerate(tensors)
         if device_check is True or (device_check is None and not tensor.is_cpu)
     }
-    on_host = [row for row in range(len(tensors)) if row not in on_device]
     differing = batch.scan_all(
         table,
-        batch.Rows(tensors, only=on_host),
+        batch.Rows(tensors, only=None if not on_device else set(range(len(tensors))) - on_device),
         values,
         layout.base_values(),
         row_plan=layout.row_plan,

@@ -102,6 +102,7 @@ class CheckpointStore:
         # switching between steps decodes only the step switched to.
         self._decoded: dict[int, tuple[object, stepcodec.Decoded]] = {}
         self._residency = Residency()
+        self._temps_cleared = False
 
     # Creating and opening -----------------------------------------------------------------------
 
@@ -414,7 +415,9 @@ class CheckpointStore:
         with self._locked():
             if self._storage.stat(key) is not None and not pending.overwrite:
                 raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
-            self._storage.remove_stale_temps(STEPS_DIR)
+            if not self._temps_cleared:  # once per store object: listing steps/ is O(steps), a save must be O(k)
+                self._storage.remove_stale_temps(STEPS_DIR)
+                self._temps_cleared = True
             encoded = stepcodec.encode(
                 layout,
                 step,
