@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,12 @@ SHAPES = {"w": (32, 16), "b": (16,), "h": (8,)}
 QUIET_NAN = 0x7FC00001  # a NaN with a payload: restore must keep the payload bits
 
 
-def run(*args: object) -> Result:
-    """Runs the CLI in-process; unexpected exceptions propagate so their tracebacks show."""
-    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="fishckpt", catch_exceptions=False)
+def run(*args: object, env: Mapping[str, str | None] | None = None) -> Result:
+    """Runs the CLI in-process; unexpected exceptions propagate so their tracebacks show.
+
+    ``env`` is set in os.environ for the run only (a None value unsets the variable).
+    """
+    return CliRunner(env=env).invoke(cli, [str(arg) for arg in args], prog_name="fishckpt", catch_exceptions=False)
 
 
 def base_state() -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from fishckpt import CheckpointStore, StateDiff, TensorDiff
 
 from .._format import echo_json, json_number, table
-from .._options import json_option, store_argument
+from .._options import StoreLocation, json_option, store_argument, store_options
 
 
 def load_operand(text: str, store: CheckpointStore) -> tuple[str, dict[str, torch.Tensor]]:
@@ -38,7 +38,8 @@ def load_operand(text: str, store: CheckpointStore) -> tuple[str, dict[str, torc
 @click.argument("b")
 @click.option("--top", type=click.IntRange(min=1), help="Show only the N tensors with the most changed entries.")
 @json_option
-def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> None:
+@store_options
+def diff(store: StoreLocation, a: str, b: str, top: int | None, as_json: bool) -> None:
     """Compare A and B tensor by tensor; each is a step of STORE or a checkpoint file.
 
     An existing path is read as a file; otherwise A or B must be a step number.
@@ -47,17 +48,17 @@ def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> No
     entries changed, max |Δ| and the L2 norm of Δ (in float64; float tensors
     only), and how many changed entries lie outside STORE's mask. Then totals.
     """
-    from fishckpt import CheckpointStore, diff_states
+    from fishckpt import diff_states
 
-    store = CheckpointStore.open(store_path)
-    label_a, state_a = load_operand(a, store)
-    label_b, state_b = load_operand(b, store)
-    result = diff_states(state_a, state_b, store.mask)
+    opened = store.open()
+    label_a, state_a = load_operand(a, opened)
+    label_b, state_b = load_operand(b, opened)
+    result = diff_states(state_a, state_b, opened.mask)
     rows = result.changed[:top] if top is not None else result.changed
     if as_json:
         echo_json(
             {
-                "store": store.location,
+                "store": opened.location,
                 "a": label_a,
                 "b": label_b,
                 "tensors": [_tensor_json(t) for t in rows],
@@ -68,7 +69,7 @@ def diff(store_path: Path, a: str, b: str, top: int | None, as_json: bool) -> No
             }
         )
         return
-    click.echo(f"Comparing {label_a} with {label_b} (mask of {store.location})")
+    click.echo(f"Comparing {label_a} with {label_b} (mask of {opened.location})")
     if rows:
         click.echo(
             table(

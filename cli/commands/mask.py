@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .._format import echo_json, table
-from .._options import PATH, check_output, force_option, json_option
+from .._options import PATH, STORE_LOCATION, StoreLocation, check_output, force_option, json_option, store_options
 
 keep_ratio_option = click.option(
     "--keep-ratio",
@@ -25,17 +25,21 @@ def mask() -> None:
 
 
 @mask.command("info")
-@click.argument("file", type=PATH)
+@click.argument("store_path", metavar="FILE", type=STORE_LOCATION)
 @json_option
-def info_command(file: Path, as_json: bool) -> None:
+@store_options
+def info_command(store: StoreLocation, as_json: bool) -> None:
     """Describe the mask in FILE: k, density and entries per tensor.
 
     FILE is anything `init --mask` accepts (a fishckpt mask, or safetensors or
-    PyTorch bool/0-1 tensors), or a store folder, whose mask is shown.
+    PyTorch bool/0-1 tensors), or a store, whose mask is shown: a store folder,
+    or a store's URL (mask files are read from local paths only).
     """
-    from fishckpt import CheckpointStore, Mask
+    from fishckpt import Mask
 
-    loaded = CheckpointStore.open(file).mask if file.is_dir() else Mask.load(file)
+    # A URL is always a store (Mask.load reads local files only); a local path is one when it is a folder.
+    loaded = store.open().mask if store.is_url or Path(store.where).is_dir() else Mask.load(store.where)
+    file = str(store)
     counts = loaded.counts()
     numels = {name: math.prod(loaded.shape(name)) for name in loaded.names}
     if as_json:

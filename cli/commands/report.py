@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from fishckpt import Catalog, StoreReport
+from fishckpt import StoreReport
 
 from .._format import echo_json, format_ratio, human_bytes, json_number, smaller_or_larger, table
-from .._options import PATH, check_output, json_option, store_argument, write_output
+from .._options import PATH, StoreLocation, check_output, json_option, store_argument, store_options, write_output
 from .steps import fail_on_problems, read_steps
 
 TOP_TENSORS = 10
@@ -23,7 +23,8 @@ PLOT_NEEDS = "--plot needs matplotlib: pip install 'fishckpt[plot]'"
 @json_option
 @click.option("--plot", type=PATH, help="Also write a PNG chart of checkpoint size per step against dense.")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
-def report(store_path: Path, as_json: bool, plot: Path | None, force: bool) -> None:
+@store_options
+def report(store: StoreLocation, as_json: bool, plot: Path | None, force: bool) -> None:
     """Summarise where STORE's bytes go and how it compares with dense checkpoints.
 
     Shows the base, mask and per-checkpoint sizes, bytes per masked value, the
@@ -33,7 +34,7 @@ def report(store_path: Path, as_json: bool, plot: Path | None, force: bool) -> N
     if plot is not None:
         _require_matplotlib()
         check_output(plot, force=force)
-    summary = read_steps(Catalog.open(store_path))
+    summary = read_steps(store.catalog())
     if plot is not None:
         write_output(plot, _chart_png(summary), force=force)
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -10,7 +9,7 @@ import click
 from fishckpt import Catalog
 
 from .._format import compression_ratio, echo_json, format_ratio, human_bytes, json_safe, table, utc_iso
-from .._options import STEP, json_option, store_argument, wait_option
+from .._options import STEP, StoreLocation, json_option, store_argument, store_options, wait_option
 from .._progress import progress
 
 if TYPE_CHECKING:
@@ -41,14 +40,15 @@ def _message(info: CheckpointInfo) -> str | None:
 @click.command()
 @store_argument
 @json_option
-def ls(store_path: Path, as_json: bool) -> None:
+@store_options
+def ls(store: StoreLocation, as_json: bool) -> None:
     """List the checkpoints saved in STORE, one row per step.
 
     Columns: step, time saved (UTC), bytes on disk, ratio to the dense size,
     entries changed outside the mask, and the message given to `save`. A step
     whose file is damaged is listed as such (and the exit status is then 1).
     """
-    catalog = Catalog.open(store_path)
+    catalog = store.catalog()
     summary = read_steps(catalog)
     if as_json:
         echo_json(
@@ -102,25 +102,24 @@ def _info_json(info: CheckpointInfo) -> dict[str, Any]:
 @store_argument
 @click.argument("steps", metavar="STEP...", nargs=-1, required=True, type=STEP)
 @wait_option
-def rm(store_path: Path, steps: tuple[int, ...], wait: float) -> None:
+@store_options
+def rm(store: StoreLocation, steps: tuple[int, ...], wait: float) -> None:
     """Delete the checkpoints STEP... from STORE.
 
     Other steps never depend on a deleted one. If any STEP is not saved,
     nothing is deleted.
     """
-    from fishckpt import CheckpointStore
-
-    store = CheckpointStore.open(store_path, lock_timeout=wait)
-    saved = set(store.steps)
+    opened = store.open(lock_timeout=wait)
+    saved = set(opened.steps)
     missing = [step for step in steps if step not in saved]
     if missing:
         raise click.ClickException(
-            f"{store.location}: step(s) {_listing(missing)} not in the store (saved: {_listing(sorted(saved))}); "
+            f"{opened.location}: step(s) {_listing(missing)} not in the store (saved: {_listing(sorted(saved))}); "
             "nothing was deleted"
         )
     for step in dict.fromkeys(steps):
-        store.delete(step)
-    click.echo(f"Deleted step(s) {_listing(list(dict.fromkeys(steps)))} from {store.location}.")
+        opened.delete(step)
+    click.echo(f"Deleted step(s) {_listing(list(dict.fromkeys(steps)))} from {opened.location}.")
 
 
 @click.command()
@@ -128,25 +127,24 @@ def rm(store_path: Path, steps: tuple[int, ...], wait: float) -> None:
 @click.option("--keep-last", type=click.IntRange(min=1), required=True, help="How many of the latest steps to keep.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 @wait_option
-def prune(store_path: Path, keep_last: int, dry_run: bool, wait: float) -> None:
+@store_options
+def prune(store: StoreLocation, keep_last: int, dry_run: bool, wait: float) -> None:
     """Delete all but the last N checkpoints of STORE (by step number).
 
     The base and the mask are kept. Use `--dry-run` to see what would go.
     """
-    from fishckpt import CheckpointStore
-
-    store = CheckpointStore.open(store_path, lock_timeout=wait)
-    saved = store.steps
+    opened = store.open(lock_timeout=wait)
+    saved = opened.steps
     doomed = saved[: max(0, len(saved) - keep_last)]
     kept = saved[len(doomed) :]
     if not doomed:
-        click.echo(f"Nothing to delete: {store.location} has {len(saved)} step(s), keeping the last {keep_last}.")
+        click.echo(f"Nothing to delete: {opened.location} has {len(saved)} step(s), keeping the last {keep_last}.")
         return
     if dry_run:
         click.echo(f"Would delete step(s) {_listing(doomed)}; would keep {_listing(kept)}.")
         return
     for step in progress(doomed, description="deleting", unit="step", total=len(doomed)):
-        store.delete(step)
+        opened.delete(step)
     click.echo(f"Deleted step(s) {_listing(doomed)}; kept {_listing(kept)}.")
 
 

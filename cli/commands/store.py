@@ -11,7 +11,17 @@ from fishckpt import MaskMismatchError, OutsideMaskWarning, StateMismatchError
 
 from .._files import FORMATS, format_for
 from .._format import compression_ratio, human_bytes, smaller_or_larger
-from .._options import PATH, STEP, check_output, force_option, store_argument, wait_option
+from .._options import (
+    PATH,
+    STEP,
+    StoreLocation,
+    check_output,
+    force_option,
+    is_url,
+    store_argument,
+    store_options,
+    wait_option,
+)
 
 
 @click.command()
@@ -20,7 +30,8 @@ from .._options import PATH, STEP, check_output, force_option, store_argument, w
 @click.option("--mask", "mask_file", type=PATH, required=True, help="Mask file: fishckpt, or bool/0-1 tensors.")
 @click.option("--force", is_flag=True, help="Replace an existing fishckpt store at STORE (never any other folder).")
 @wait_option
-def init(store_path: Path, base_file: Path, mask_file: Path, force: bool, wait: float) -> None:
+@store_options
+def init(store: StoreLocation, base_file: Path, mask_file: Path, force: bool, wait: float) -> None:
     """Create a store at STORE from a base checkpoint file and a mask.
 
     The base is stored once, densely; every later `save` stores only what the
@@ -28,20 +39,21 @@ def init(store_path: Path, base_file: Path, mask_file: Path, force: bool, wait: 
     or be empty; `--force` replaces an existing fishckpt store, never another folder,
     waiting for its writer lock first (a writer still using the old store then fails).
     """
-    from fishckpt import CheckpointStore, Mask, load_state_file
+    from fishckpt import Mask, load_state_file
 
-    if not force and CheckpointStore.is_store(store_path):
+    if not force and store.is_store():
         raise click.ClickException(
-            f"{store_path}: already a fishckpt store; pass --force to replace it (its checkpoints are deleted)"
+            f"{store}: already a fishckpt store; pass --force to replace it (its checkpoints are deleted)"
         )
     mask = Mask.load(mask_file)
     state = load_state_file(base_file)
     try:
-        store = CheckpointStore.create(store_path, state, mask, overwrite=force, lock_timeout=wait)
+        created = store.create(state, mask, overwrite=force, lock_timeout=wait)
     except MaskMismatchError as error:
         raise click.ClickException(f"{mask_file} does not fit the base {base_file}: {error}") from error
     click.echo(
-        f"Created store {store.location}: {len(store.tensor_names)} tensors, {human_bytes(store.dense_bytes)} dense; "
+        f"Created store {created.location}: {len(created.tensor_names)} tensors, "
+        f"{human_bytes(created.dense_bytes)} dense; "
         f"the mask keeps {mask.k:,} of {mask.numel:,} entries ({mask.density:.2%})."
     )
 
@@ -55,8 +67,9 @@ def init(store_path: Path, base_file: Path, mask_file: Path, force: bool, wait: 
 @click.option("--force", is_flag=True, help="Replace the checkpoint if STEP is already saved.")
 @click.option("--fast", is_flag=True, help="Read only the masked entries; changes outside the mask are not looked for.")
 @wait_option
+@store_options
 def save(
-    store_path: Path, file: Path, step: int, message: str | None, strict: bool, force: bool, fast: bool, wait: float
+    store: StoreLocation, file: Path, step: int, message: str | None, strict: bool, force: bool, fast: bool, wait: float
 ) -> None:
     """Save the checkpoint FILE into STORE as step STEP, keeping only the masked values.
 
@@ -66,17 +79,17 @@ def save(
     """
     if strict and fast:
         raise click.UsageError("--strict needs the check of entries outside the mask that --fast skips; drop one")
-    from fishckpt import CheckpointStore, load_state_file
+    from fishckpt import load_state_file
 
-    store = CheckpointStore.open(store_path, lock_timeout=wait)
-    if step in store.steps and not force:
-        raise click.ClickException(f"{store_path}: step {step} is already saved; pass --force to replace it")
+    opened = store.open(lock_timeout=wait)
+    if step in opened.steps and not force:
+        raise click.ClickException(f"{opened.location}: step {step} is already saved; pass --force to replace it")
     state = load_state_file(file)
     metadata = {"message": message} if message is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", OutsideMaskWarning)
         try:
-            info = store.save(
+            info = opened.save(
                 state, step, metadata=metadata, check_outside_mask=not fast, strict=strict, overwrite=force
             )
         except StateMismatchError as error:
@@ -88,7 +101,7 @@ def save(
             warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
     ratio = compression_ratio(info.dense_bytes, info.bytes_written)
     click.echo(
-        f"Saved step {info.step} to {store.location}: {human_bytes(info.bytes_written)} written "
+        f"Saved step {info.step} to {opened.location}: {human_bytes(info.bytes_written)} written "
         f"({info.bytes_written:,} bytes) for {human_bytes(info.dense_bytes)} dense ({smaller_or_larger(ratio)})."
     )
     if not info.checked_outside_mask:
@@ -115,7 +128,8 @@ def save(
     help="File format; default: pt for .pt/.pth/.bin, safetensors otherwise.",
 )
 @force_option
-def restore(store_path: Path, step: int, out: Path, file_format: str | None, force: bool) -> None:
+@store_options
+def restore(store: StoreLocation, step: int, out: Path, file_format: str | None, force: bool) -> None:
     """Rebuild step STEP of STORE as a full checkpoint file OUT, bit for bit.
 
     Every restored tensor is verified against the digest recorded at save. OUT
@@ -124,29 +138,38 @@ def restore(store_path: Path, step: int, out: Path, file_format: str | None, for
     are written as separate copies there; `--format pt` keeps them tied.
     """
     check_output(out, force=force)
-    from fishckpt import CheckpointStore, save_state_file
+    from fishckpt import save_state_file
 
-    store = CheckpointStore.open(store_path)
-    state = store.load(step, verify=True)
+    opened = store.open()
+    state = opened.load(step, verify=True)
     chosen = format_for(out, file_format)
     written = save_state_file(out, state, file_format=chosen, overwrite=force)
-    click.echo(f"Restored step {step} of {store.location} (verified) to {out}: {human_bytes(written)}, {chosen}.")
+    click.echo(f"Restored step {step} of {opened.location} (verified) to {out}: {human_bytes(written)}, {chosen}.")
 
 
 @click.command()
 @store_argument
 @wait_option
-def upgrade(store_path: Path, wait: float) -> None:
+def upgrade(store_path: Path | str, wait: float) -> None:
     """Rewrite a format 1 store (fishckpt 0.1) as format 2, so that it takes new steps.
 
     Every step is decoded, rewritten, decoded again and compared bit for bit
     before the store is swapped, atomically, under its writer lock; if anything
     fails, the old store is left exactly as it was. Loading works on format 1 as is.
+    STORE is a local folder: a store at a URL cannot be upgraded in place.
     """
+    if is_url(store_path):
+        # The library's swap on object storage deletes the old store before the new one is
+        # written, and the upgrade then finds no steps to carry over: the steps would be lost.
+        raise click.ClickException(
+            f"{str(store_path).rstrip('/')}: a store at a URL cannot be upgraded in place (its steps would be "
+            "lost); copy it to a local folder, run `fishckpt upgrade` there and copy the result to a new URL. "
+            "Format 1 stores at URLs can be read (ls, restore, verify) as they are"
+        )
     from fishckpt import CheckpointStore
 
-    store = CheckpointStore.upgrade(store_path, lock_timeout=wait)
+    upgraded = CheckpointStore.upgrade(store_path, lock_timeout=wait)
     click.echo(
-        f"Upgraded {store.location} to format {store.format_version}: {len(store.steps)} step(s) rewritten and "
-        "proved bit for bit."
+        f"Upgraded {upgraded.location} to format {upgraded.format_version}: {len(upgraded.steps)} step(s) "
+        "rewritten and proved bit for bit."
     )

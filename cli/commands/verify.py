@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from .._format import echo_json
-from .._options import STEP, json_option, store_argument
+from .._options import STEP, StoreLocation, json_option, store_argument, store_options
 from .._progress import progress
 
 
@@ -15,7 +13,8 @@ from .._progress import progress
 @store_argument
 @click.argument("steps", metavar="[STEP...]", nargs=-1, type=STEP)
 @json_option
-def verify(store_path: Path, steps: tuple[int, ...], as_json: bool) -> None:
+@store_options
+def verify(store: StoreLocation, steps: tuple[int, ...], as_json: bool) -> None:
     """Check STORE's files against their digests; exit 0 only if everything verifies.
 
     Without STEP, every chunk of the base and every saved step are re-read and
@@ -24,28 +23,28 @@ def verify(store_path: Path, steps: tuple[int, ...], as_json: bool) -> None:
     checked first: if it is damaged, it alone is blamed, never the steps. A step
     deleted while verify runs (a prune) is reported as gone, not as a failure.
     """
-    from fishckpt import CheckpointStore, VerifyError, VerifyReport
+    from fishckpt import VerifyError, VerifyReport
 
-    store = CheckpointStore.open(store_path)
+    opened = store.open()
     wanted = list(dict.fromkeys(steps)) if steps else None
 
     def bar(items: list[int]) -> object:
         return progress(items, description="verifying", unit="step", total=len(items))
 
     try:
-        report = store.verify(wanted, progress=bar)
+        report = opened.verify(wanted, progress=bar)
         failures = []
     except VerifyError as error:
         failures = error.failures
         assert isinstance(error.report, VerifyReport)
         report = error.report
-    base_file = store.files()["base"]
+    base_file = opened.files()["base"]
     base_failed = any(failure.file == base_file for failure in failures)
     steps_failed = any(failure.file != base_file for failure in failures)
     if as_json:
         echo_json(
             {
-                "store": store.location,
+                "store": opened.location,
                 "ok": not failures,
                 "base_checked": report.base_checked,
                 "base_ok": report.base_ok,
@@ -68,8 +67,8 @@ def verify(store_path: Path, steps: tuple[int, ...], as_json: bool) -> None:
         if steps_failed:
             advice.append("Restore the damaged step files from a copy, or delete them with `fishckpt rm STORE STEP`.")
         raise click.ClickException(
-            f"{store.location}: {len(failures)} integrity problem(s){listing}\n" + "\n".join(advice) + gone
+            f"{opened.location}: {len(failures)} integrity problem(s){listing}\n" + "\n".join(advice) + gone
         )
     if not as_json:
         what = "the base and " if report.base_checked else ""
-        click.echo(f"OK: {what}{len(report.steps)} checkpoint(s) of {store.location} verified.{gone}")
+        click.echo(f"OK: {what}{len(report.steps)} checkpoint(s) of {opened.location} verified.{gone}")

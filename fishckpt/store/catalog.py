@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import (
     BaseMismatchError,
@@ -69,14 +70,26 @@ class Catalog:
         self.dense_bytes = sum(entry.nbytes for entry in manifest.entries if entry.alias_of is None)
 
     @classmethod
-    def open(cls, path: str | Path | Storage) -> Catalog:
+    def open(
+        cls,
+        path: str | Path | Storage,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> Catalog:
         """Reads a store's manifest (checked) and the size of its mask.
+
+        Args:
+            path: The store folder, or a URL such as ``s3://bucket/run1`` (see docs/storage.md).
+            storage_options: fsspec options for a URL (credentials, endpoint).
+            cache_dir: As for ``CheckpointStore.open``; a catalog never reads the base, so nothing is cached.
 
         Raises:
             FormatError: ``path`` is not a store, or was written by a newer fishckpt.
             IntegrityError: The manifest (or, for a format 1 store, the mask file) is damaged.
+            StorageError: The URL's scheme is not installed, or the storage cannot be reached.
         """
-        storage = open_storage(path)
+        storage = open_storage(path, storage_options=storage_options, cache_dir=cache_dir)
         manifest = read_manifest(storage)
         if manifest.k is not None and manifest.numel is not None:
             return cls(storage, manifest, k=manifest.k, numel=manifest.numel)
