@@ -12,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_ddp
+import bench_loop
+import bench_many
 import bench_method
 import bench_remote
 import bench_store
@@ -25,6 +27,10 @@ def main() -> None:
     )
     print("\n## Store (issue: sparse checkpoint store)")
     bench_store.run(print)
+    print("\n## In the training loop (issue 10)")
+    bench_loop.run(print)
+    print("\n## Many tensors (issue 9)")
+    bench_many.run(print)
     print("\n## Remote stores (issue 13)")
     bench_remote.run(print)
     print("\n## Method (issue: FISH masks and masked training)")

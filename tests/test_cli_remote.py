@@ -254,8 +254,20 @@ def test_verify_at_a_url_names_damaged_objects(files: Files, new_url: NewUrl, tm
         f"Error: {url}: 1 integrity problem(s)\n  {url}/steps/step-000000000001.safetensors"
     )
 
-    # The base is checked in the machine's cache; a fresh --cache-dir re-reads the object itself.
+    # The base was cached by the save; verify reads the object on the server again, so damage
+    # done there after caching is found, and the good cached copy is kept for later loads.
     base_object = f"{root}/base.safetensors"
+    cached = [path for path in (tmp_path / "warm").iterdir() if not path.name.startswith(".")]
+    assert len(cached) == 1
+    good = cached[0].read_bytes()
+    damaged = bytearray(fs.cat_file(base_object))
+    damaged[len(damaged) // 2] ^= 0x10  # inside the tensor data: only the chunk digests can see it
+    fs.pipe_file(base_object, bytes(damaged))
+    result = run("verify", url, *warm)
+    assert result.exit_code == 1
+    assert f"{url}/base.safetensors" in result.stderr and "chunk" in result.stderr
+    assert cached[0].read_bytes() == good, "a damaged download does not replace the cached copy"
+
     fs.pipe_file(base_object, fs.cat_file(base_object)[:-16])
     result = run("verify", url, "--cache-dir", tmp_path / "fresh")
     assert result.exit_code == 1

@@ -92,8 +92,44 @@ def test_a_damaged_cached_base_is_detected(new_url, tmp_path: Path) -> None:
     cached.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="base file is corrupted"):
         _open(url, options, cache).load(1)
-    with pytest.raises(VerifyError):
-        _open(url, options, cache).verify()
+    # verify checks the store (the object on the server, which is intact), and a good download
+    # replaces the damaged cached copy, so loads work again.
+    assert _open(url, options, cache).verify().base_ok
+    assert_state_bits_equal(_open(url, options, cache).load(1), _state(1))
+
+
+@pytest.mark.parametrize("kind", ["memory-url", "s3"])
+def test_verify_reads_the_base_on_the_server_not_the_cached_copy(kind: str, new_url, tmp_path: Path) -> None:
+    url, options = new_url(kind)
+    CheckpointStore.create(url, _base(), _mask(), storage_options=options, chunk_bytes=4096).save(_state(1), 1)
+    cache = tmp_path / "cache"
+    store = _open(url, options, cache)
+    assert_state_bits_equal(store.load(1), _state(1))  # the base is now cached on this machine
+    [cached] = list(cache.iterdir())
+    good = cached.read_bytes()
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    damaged = bytearray(fs.cat_file(f"{root}/base.safetensors"))
+    damaged[-5] ^= 0x01  # the last tensor in the file ("b", names are sorted): only its chunk digest can see this
+    fs.pipe_file(f"{root}/base.safetensors", bytes(damaged))
+    for reader in (store, _open(url, options, cache)):
+        with pytest.raises(VerifyError) as caught:
+            reader.verify()
+        failures = [(failure.file, failure.tensor) for failure in caught.value.failures]
+        assert failures == [(f"{url}/base.safetensors", "b")]
+        assert cached.read_bytes() == good, "the failed download did not replace the good cached copy"
+    # A check of one step reads only the base's masked values, in the (good) cached copy.
+    assert store.verify(1).steps == [1]
+
+
+def test_upgrade_refuses_a_store_at_a_url_and_changes_nothing(new_url, tmp_path: Path) -> None:
+    url, options = new_url("memory-url")
+    CheckpointStore.create(url, _base(), _mask(), storage_options=options).save(_state(1), 1)
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    before = {name: fs.cat_file(name) for name in fs.find(root)}
+    storage = CheckpointStore.open(url, storage_options=options, cache_dir=tmp_path / "c").storage
+    with pytest.raises(NotImplementedError, match=re.escape(url)):
+        CheckpointStore.upgrade(storage)
+    assert {name: fs.cat_file(name) for name in fs.find(root)} == before
 
 
 # Interrupted, racing and concurrent writers (S3) -------------------------------------------------------

@@ -48,6 +48,11 @@ class Storage(abc.ABC):
     existing name without ``overwrite`` raises ``FileExistsError`` and changes nothing.
     """
 
+    #: Whether ``map`` serves a remote object from a local cache (``refresh`` then reads the stored object).
+    caches_objects: bool = False
+    #: Whether ``new_root(replace=True)`` swaps stores at once, the old one readable until the swap.
+    atomic_replace: bool = True
+
     @property
     @abc.abstractmethod
     def url(self) -> str:
@@ -69,7 +74,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def map(
-        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+        self,
+        name: str,
+        *,
+        cache_key: str | None = None,
+        verify: Callable[[memoryview], None] | None = None,
+        refresh: bool = False,
     ) -> memoryview:
         """The object's bytes as a writable buffer, copy-on-write: writes never reach the stored object.
 
@@ -77,7 +87,10 @@ class Storage(abc.ABC):
         downloads the object once per machine into a local cache under ``cache_key`` (a
         digest of the content: the same key always means the same bytes), calls ``verify``
         on a fresh download before keeping it (``verify`` raises to refuse it, and nothing
-        is kept), and maps the cached file. Local backends ignore both arguments.
+        is kept), and maps the cached file. ``refresh`` downloads and verifies the stored
+        object again even when a cached copy exists, and replaces that copy only if the
+        download passes (``verify`` of a store checks the bucket, not this machine's cache).
+        Local backends ignore all three.
         """
 
     @abc.abstractmethod

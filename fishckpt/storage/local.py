@@ -162,7 +162,12 @@ class LocalStorage(Storage):
             return handle.read(max(0, stop - start))
 
     def map(
-        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+        self,
+        name: str,
+        *,
+        cache_key: str | None = None,
+        verify: Callable[[memoryview], None] | None = None,
+        refresh: bool = False,
     ) -> memoryview:
         with open(self.root / name, "rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:

@@ -41,7 +41,12 @@ class MemoryStorage(Storage):
         return self._get(name)[start:stop]
 
     def map(
-        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+        self,
+        name: str,
+        *,
+        cache_key: str | None = None,
+        verify: Callable[[memoryview], None] | None = None,
+        refresh: bool = False,
     ) -> memoryview:
         return memoryview(bytearray(self._get(name)))
 

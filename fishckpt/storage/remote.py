@@ -179,6 +179,9 @@ class FsspecStorage(Storage):
         >>> store = CheckpointStore.open(storage)
     """
 
+    caches_objects = True
+    atomic_replace = False  # no folder rename on object storage: new_root(replace=True) deletes first
+
     def __init__(
         self,
         url: str,
@@ -297,13 +300,18 @@ class FsspecStorage(Storage):
         return found
 
     def map(
-        self, name: str, *, cache_key: str | None = None, verify: Callable[[memoryview], None] | None = None
+        self,
+        name: str,
+        *,
+        cache_key: str | None = None,
+        verify: Callable[[memoryview], None] | None = None,
+        refresh: bool = False,
     ) -> memoryview:
         """The object's bytes; with ``cache_key``, from the local cache, downloading and verifying it once."""
         if cache_key is None:
             return memoryview(bytearray(self.read(name)))
         cached = self.cache_dir / _cache_file_name(cache_key)
-        if not cached.is_file():
+        if refresh or not cached.is_file():
             self._download(name, cached, verify)
         return _map_copy(cached)
 

@@ -72,6 +72,35 @@ class StoreLayout:
             self._base_rows = batch.Rows([base[entry.name] for entry in self.table.entries])
         return self._base_rows
 
+    def stored_base_failures(self) -> list[tuple[int, int]]:
+        """Every (row, chunk) of the stored base that fails its digest: the whole base read again.
+
+        A remote backend serves the base from a local cache that was checked when it was
+        downloaded; this downloads the stored object again (a damaged object must not pass
+        because this machine kept a good copy) and, if it passes, replaces the cached copy.
+        """
+        if not self.storage.caches_objects:
+            return batch.check_chunks(self.table, self.base_rows())
+        failed: list[tuple[int, int]] = []
+
+        def check(buffer: memoryview) -> None:
+            tensors = open_base(buffer, self.manifest.entries, where=self.base_where)
+            failed.extend(batch.check_chunks(self.table, [tensors[entry.name] for entry in self.table.entries]))
+            if failed:
+                raise self.base_chunk_error(self.table.entries[failed[0][0]], failed[0][1])
+
+        try:
+            buffer = self.storage.map(BASE_NAME, cache_key=self.manifest.base_digest, verify=check, refresh=True)
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.base_where}: the store's base file is missing") from None
+        except IntegrityError:
+            if not failed:
+                raise
+            return failed
+        self._base = open_base(buffer, self.manifest.entries, where=self.base_where)
+        self._base_rows = None
+        return []
+
     def _verify_whole(self, buffer: memoryview) -> None:
         """Checks every chunk of a freshly downloaded base before a remote backend caches it."""
         tensors = open_base(buffer, self.manifest.entries, where=self.base_where)

@@ -694,12 +694,12 @@ class CheckpointStore:
         base_ok = True
         try:
             layout = self._layout
-            layout.base()
             if whole_base:
-                for row, chunk in batch.check_chunks(layout.table, layout.base_rows()):
+                for row, chunk in layout.stored_base_failures():
                     name = layout.table.entries[row].name
                     failures.append(VerifyFailure(base_file, name, f"chunk {chunk} does not match its digest"))
             if not failures:  # a base found damaged chunk by chunk needs no second report
+                layout.base()
                 layout.base_values()
         except (IntegrityError, FormatError) as error:
             failures.append(VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file))))
@@ -750,10 +750,17 @@ class CheckpointStore:
         Raises:
             FormatError: The store is already format 2 (nothing is changed).
             IntegrityError: A file of the old store is damaged; nothing is changed.
+            NotImplementedError: The store is at a URL (object storage has no atomic swap).
         """
         from .upgrade import upgrade
 
         old = cls.open(path, lock_timeout=lock_timeout)
+        if not old.storage.atomic_replace:
+            raise NotImplementedError(
+                f"{old.location}: upgrading a store at a URL is not supported: object storage cannot swap "
+                "the old store for the new one at once, and a failure midway would lose it. Copy the store "
+                "to a local folder, run `fishckpt upgrade` there, and upload the result to a new prefix"
+            )
         upgrade(old, lock_timeout=lock_timeout)
         return cls.open(path, lock_timeout=lock_timeout)
 
