@@ -159,8 +159,16 @@ def reference(
 # Spawning the ranks ---------------------------------------------------------------------------------
 
 
-def spawn(suite: str, world: int, out: Path, *, timeout: float = 240.0) -> None:
-    """Runs ``_dist_worker.py SUITE`` on ``world`` processes; fails with a rank's output if any fails or hangs.
+def spawn(
+    suite: str,
+    world: int,
+    out: Path,
+    *,
+    timeout: float = 240.0,
+    worker: Path = WORKER,
+    extra: tuple[str, ...] = (),
+) -> None:
+    """Runs ``worker SUITE RANK WORLD INIT OUT *extra`` on ``world`` processes; fails with a rank's output if any fails.
 
     Every rank is killed when the deadline passes, so a hung collective fails the test instead of CI.
     """
@@ -174,7 +182,7 @@ def spawn(suite: str, world: int, out: Path, *, timeout: float = 240.0) -> None:
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), suite, str(rank), str(world), str(init_file), str(out)],
+                [sys.executable, str(worker), suite, str(rank), str(world), str(init_file), str(out), *extra],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

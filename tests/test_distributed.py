@@ -333,7 +333,7 @@ def test_dtensor_parameters_by_hand_match_single_process(fsdp_run: tuple[int, Pa
 
 def test_localize_finds_the_mask_entries_of_any_block() -> None:
     """The shard index arithmetic, single-process, against slicing a tensor of positions."""
-    from fishckpt.method.optim import _localize
+    from fishckpt.sharding import localize as _localize
 
     generator = torch.Generator().manual_seed(3)
 

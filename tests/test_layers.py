@@ -19,6 +19,7 @@ LAYERS = {
     "fishckpt.storage": 1,
     "fishckpt.statefiles": 2,
     "fishckpt.mask": 3,
+    "fishckpt.sharding": 3,
     "fishckpt.store": 4,
     "fishckpt.method": 4,
     "fishckpt.diff": 4,

@@ -142,3 +142,20 @@ def step_digest(
         hasher.update(positions.astype("<i8", copy=False).data)
         hasher.update(np.ascontiguousarray(words).data)
     return hasher.hexdigest()
+
+
+def sharded_step_digest(part_digests: Sequence[str]) -> str:
+    """A sharded step's digest: its parts' step digests, in rank order (format.md, "Sharded steps")."""
+    hasher = xxhash.xxh3_128(b"fishckpt-sharded-step-v2\x00")
+    hasher.update(struct.pack("<Q", len(part_digests)))
+    for digest in part_digests:
+        hasher.update(bytes.fromhex(digest))
+    return hasher.hexdigest()
+
+
+def part_mask_digest(mask: str, ranges: npt.NDArray[np.int64]) -> str:
+    """The mask digest a part's step digest is computed with: the store's mask and the part's ranges."""
+    hasher = xxhash.xxh3_128(b"fishckpt-part-mask-v2\x00")
+    hasher.update(bytes.fromhex(mask))
+    hasher.update(np.ascontiguousarray(ranges, dtype="<i8").data)
+    return hasher.hexdigest()

@@ -43,3 +43,17 @@ def step_of(file_name: str, version: int = 2) -> int | None:
         return None
     step = int(match.group(1))
     return step if file_name == step_file_name(step, version) else None
+
+
+_PART_FILE = re.compile(r"^step-([0-9]{12,})\.([0-9a-f]+)\.part-([0-9]{5,})-of-([0-9]{5,})\.safetensors$")
+
+
+def part_file_name(step: int, token: str, rank: int, world: int) -> str:
+    """The file in ``steps/`` that rank ``rank`` of ``world`` writes for step ``step`` in the save ``token``."""
+    return f"step-{step:012d}.{token}.part-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def part_step_of(file_name: str) -> int | None:
+    """The step a part file's name belongs to, or None if it is not a part file's name."""
+    match = _PART_FILE.match(file_name)
+    return None if match is None else int(match.group(1))

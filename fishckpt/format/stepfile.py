@@ -17,6 +17,8 @@ from . import container, stfile
 from .codec import Section
 
 KIND = "step"
+PART_KIND = "step-part"
+PART_RANGES = "part.ranges"
 SectionKey = int | str
 
 
@@ -66,6 +68,35 @@ class TrainingRecord:
     streams: list[ValueStream] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PartRef:
+    """One part of a sharded step, as the step file lists it: the part file and what it must hold."""
+
+    file: str  # the part file's name in the steps folder
+    checksum: str  # the part file's header checksum
+    digest: str  # the part's own step digest
+    bytes: int
+    training_bytes: int
+
+
+@dataclass(frozen=True)
+class ShardsRecord:
+    """A sharded step's step file: the parts that hold its content, one per rank, each written by its rank."""
+
+    world: int
+    parts: list[PartRef]
+    outside: dict[str, int]  # entries changed outside the mask, per tensor, summed over the parts
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """What a part file says about itself: which rank of how many wrote it, in which save (``token``)."""
+
+    rank: int
+    world: int
+    token: str
+
+
 @dataclass
 class StepRecord:
     """Everything a step file's header says, for either format version."""
@@ -85,6 +116,17 @@ class StepRecord:
     training: TrainingRecord | None = None
     stored_bytes: int = 0
     training_bytes: int = 0  # stored bytes of the training state, within stored_bytes
+    shards: ShardsRecord | None = None  # v2, a sharded step: its content is in part files
+    part: PartRecord | None = None  # v2, a part file
+
+    @property
+    def total_bytes(self) -> int:
+        """Stored bytes of the step: its file, and its part files for a sharded step."""
+        return self.stored_bytes + (sum(part.bytes for part in self.shards.parts) if self.shards else 0)
+
+    @property
+    def total_training_bytes(self) -> int:
+        return self.training_bytes + (sum(part.training_bytes for part in self.shards.parts) if self.shards else 0)
 
 
 class StepFile(Protocol):
@@ -104,7 +146,7 @@ class _V1Sections:
 # Reading ------------------------------------------------------------------------------------------
 
 
-def parse(data: bytes, *, where: str, sections: bool = True) -> tuple[StepRecord, StepFile]:
+def parse(data: bytes, *, where: str, sections: bool = True, kind: str = KIND) -> tuple[StepRecord, StepFile]:
     """Checks a whole step file of either version and reads its record.
 
     Args:
@@ -112,15 +154,16 @@ def parse(data: bytes, *, where: str, sections: bool = True) -> tuple[StepRecord
         where: Names the file in errors.
         sections: Also check every section's digest now, and read the training tree.
             ``False`` reads the record alone (what ``info`` needs); the header is checked either way.
+        kind: ``PART_KIND`` to read a part file of a sharded step (v2 only).
 
     Raises:
         IntegrityError: The file is damaged or truncated.
         FormatError: Not a step file, an unknown version, or a malformed record.
     """
-    if data.startswith(container.CHECKPOINT_MAGIC):
+    if data.startswith(container.CHECKPOINT_MAGIC) and kind == KIND:
         parsed = container.parse(where, data, container.CHECKPOINT_MAGIC, what="checkpoint")
         return _record_v1(parsed.header, where=where, stored=len(data)), _V1Sections(parsed)
-    file = stfile.read_whole(data, kind=KIND, where=where)
+    file = stfile.read_whole(data, kind=kind, where=where)
     if sections:
         file.check_all()
     return _record_v2(file, training_tree=sections), file
@@ -165,6 +208,30 @@ def _record_v2(file: stfile.File, *, training_tree: bool) -> StepRecord:
         metadata = body["metadata"]
         if not isinstance(metadata, dict):
             raise TypeError("metadata must be an object")
+        shards = None
+        if body.get("shards") is not None:
+            found = body["shards"]
+            counts = found["outside"]
+            if not isinstance(counts, dict):
+                raise TypeError("shards.outside must be an object")
+            shards = ShardsRecord(
+                world=_int(found["world"]),
+                parts=[
+                    PartRef(
+                        _str(part["file"]),
+                        _str(part["checksum"]),
+                        _str(part["digest"]),
+                        _int(part["bytes"]),
+                        _int(part["training_bytes"]),
+                    )
+                    for part in found["parts"]
+                ],
+                outside={_str(name): _int(count) for name, count in counts.items()},
+            )
+        part = None
+        if file.kind == PART_KIND:
+            found = body["part"]
+            part = PartRecord(_int(found["rank"]), _int(found["world"]), _str(found["token"]))
         return StepRecord(
             version=2,
             step=_int(body["step"]),
@@ -180,6 +247,8 @@ def _record_v2(file: stfile.File, *, training_tree: bool) -> StepRecord:
             training=training,
             stored_bytes=file.stored_bytes,
             training_bytes=training_bytes,
+            shards=shards,
+            part=part,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise FormatError(f"{where}: malformed step record: {error!r}") from error
@@ -274,6 +343,8 @@ class StepContent:
     outside: list[tuple[str, str, int, int, int, list[Section], list[Section]]]
     # (tensor, mode, count, gap width, word width, position planes, value planes)
     training: tuple[Section, list[tuple[int, int, list[Section]]]] | None = None  # (tree JSON section, streams)
+    shards: dict[str, Any] | None = None  # a sharded step's record of its parts (ShardsRecord's fields)
+    part: tuple[dict[str, Any], Section] | None = None  # a part file: (PartRecord's fields, its ranges section)
 
     @property
     def training_bytes(self) -> int:
@@ -314,4 +385,11 @@ def pack(content: StepContent) -> list[bytes]:
         "metadata": content.metadata,
         "training": training,
     }
+    if content.shards is not None:
+        record["shards"] = content.shards
+    if content.part is not None:
+        fields, ranges = content.part
+        record["part"] = fields
+        sections.append((PART_RANGES, ranges))
+        return stfile.pack(PART_KIND, record, sections)
     return stfile.pack(KIND, record, sections)

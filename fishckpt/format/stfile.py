@@ -90,6 +90,11 @@ class File:
     def stored_bytes(self) -> int:
         return self.layout.file_size
 
+    @property
+    def checksum(self) -> str:
+        """The header checksum (checked by ``parse``): one file's identity, as a sharded step records its parts'."""
+        return self.layout.metadata[CHECKSUM_KEY]
+
     def stored_length(self, name: str) -> int:
         return self.layout.by_name()[name].nbytes
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -15,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import InvalidArgumentError, MaskLeakWarning, MaskMismatchError
 from ..mask import Mask
+from ..sharding import is_dtensor, local_view
 
 __all__ = ["GradientMask", "SparseAdamW", "mask_gradients"]
 
@@ -101,7 +101,7 @@ class SparseAdamW(torch.optim.Optimizer):
         for name, param in named.items():
             if name not in mask or not mask[name].numel():
                 continue
-            local, index = _local_view(name, param, mask[name])
+            local, index = local_view(name, param, mask[name])
             # An empty local index stays: step() must still take part in the parameter's collectives.
             self._indices[name] = index.to(local.device)
         defaults: dict[str, Any] = {
@@ -374,8 +374,8 @@ def mask_gradients(model: nn.Module, mask: Mask, *, optimizer: torch.optim.Optim
         if name in mask and mask[name].numel() == param.numel():
             continue  # fully trainable: nothing to zero
         index = mask[name] if name in mask else torch.zeros(0, dtype=torch.int64)
-        if _is_dtensor(param):
-            _local_view(name, param, index)  # a parameter placement it refuses fails here, not mid-backward
+        if is_dtensor(param):
+            local_view(name, param, index)  # a parameter placement it refuses fails here, not mid-backward
             dtensor_hook = _dtensor_masking_hook(name, index)
             handles.append(param.register_post_accumulate_grad_hook(dtensor_hook))  # type: ignore[no-untyped-call]
             continue
@@ -402,10 +402,10 @@ def _dtensor_masking_hook(name: str, index: torch.Tensor) -> Callable[[torch.Ten
         grad = param.grad
         if grad is None:
             return
-        layout = tuple(grad.placements) if _is_dtensor(grad) else None  # type: ignore[attr-defined]
+        layout = tuple(grad.placements) if is_dtensor(grad) else None  # type: ignore[attr-defined]
         with torch.no_grad():
             known = local_indices.get(layout)
-            local, local_index = _local_view(name, grad, index if known is None else None, gradient=True)
+            local, local_index = local_view(name, grad, index if known is None else None, gradient=True)
             if known is None:
                 known = local_indices[layout] = local_index.to(local.device)
             kept = local.reshape(-1).index_select(0, known)
@@ -436,7 +436,7 @@ def _warn_if_optimizer_leaks(optimizer: torch.optim.Optimizer, mask: Mask, named
                 if not isinstance(value, torch.Tensor) or value.shape != param.shape:
                     continue
                 # A DTensor moment is checked on this rank's shard only: no rank gathers the full state.
-                local, local_index = _local_view(name, value, index, gradient=True)
+                local, local_index = local_view(name, value, index, gradient=True)
                 outside = torch.ones(local.numel(), dtype=torch.bool, device=local.device)
                 outside[local_index.to(local.device)] = False
                 if bool(local.reshape(-1)[outside].any()):
@@ -503,110 +503,13 @@ def _check_mask_fits(mask: Mask, named: dict[str, torch.Tensor]) -> None:
 
 
 # DTensor parameters (sharded training) --------------------------------------------------------------
-#
-# Single-process training must not load torch.distributed.tensor. A tensor can only be a DTensor
-# once that module has been imported (by whoever made the DTensor), so DTensor's class is looked
-# up in sys.modules instead of imported, and the placement types are imported only after a
-# DTensor has been seen.
-
-
-def _is_dtensor(tensor: object) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
-    return isinstance(dtensor, type) and isinstance(tensor, dtensor)
-
-
-def _local_view(
-    name: str, tensor: torch.Tensor, index: torch.Tensor | None, *, gradient: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor's local data and the mask's indices into it: the tensor itself for a plain tensor.
-
-    For a DTensor, the local shard and the entries of ``index`` (sorted global flat indices) that
-    fall in it, as flat indices into the shard. ``index=None`` skips them (an empty index is
-    returned). Parameters must be placed Shard(0) or Replicate(); ``gradient=True`` accepts any
-    placement DTensor gives a gradient (Shard on any dim, Partial), which a mask can zero entry
-    by entry wherever the entries sit.
-    """
-    empty = torch.zeros(0, dtype=torch.int64)
-    if not _is_dtensor(tensor):
-        return tensor.detach(), index if index is not None else empty
-    with torch.no_grad():
-        local = tensor.to_local()  # type: ignore[attr-defined]  # a DTensor
-    bounds = _shard_bounds(name, tensor, tuple(local.shape), gradient=gradient)
-    if index is None or bounds is None:
-        return local, empty
-    return local, _localize(index.to("cpu"), tuple(tensor.shape), bounds)
-
-
-def _shard_bounds(
-    name: str, tensor: Any, local_shape: tuple[int, ...], *, gradient: bool
-) -> list[tuple[int, int]] | None:
-    """The range [low, high) of each dimension that this rank's shard of a DTensor holds; None if it holds none.
-
-    Shard(d) splits dimension d as ``torch.chunk`` does (ceil(size / mesh size) per rank, the last
-    ranks possibly empty), which is the rule of both DTensor and FSDP2; several Shard placements
-    nest in mesh-dimension order.
-    """
-    from torch.distributed.tensor import Partial, Replicate, Shard
-
-    shape = tuple(tensor.shape)
-    placements = tuple(tensor.placements)
-    mesh = tensor.device_mesh
-    coordinate = mesh.get_coordinate()
-    if coordinate is None:
-        return None  # this rank is not in the tensor's mesh and holds none of it
-    bounds = [(0, size) for size in shape]
-    for mesh_dim, placement in enumerate(placements):
-        # Exact types: _StridedShard (tensor parallel + FSDP) is a Shard subclass with another layout.
-        if type(placement) is Replicate or (gradient and isinstance(placement, Partial)):
-            continue
-        if type(placement) is Shard and shape and (gradient or placement.dim == 0):
-            dim = placement.dim % len(shape)
-            low, high = bounds[dim]
-            count = high - low
-            chunk = -(-count // mesh.size(mesh_dim))
-            begin = min(coordinate[mesh_dim] * chunk, count)
-            bounds[dim] = (low + begin, low + min(begin + chunk, count))
-            continue
-        raise NotImplementedError(
-            f"parameter {name!r} is a DTensor placed {placements}; fishckpt trains DTensors sharded on "
-            "dim 0 (Shard(0), as FSDP2's fully_shard makes them) or replicated (Replicate()) only, "
-            f"not {placement!r}. Shard the parameter on dim 0, or train it replicated"
-        )
-    expected = tuple(high - low for low, high in bounds)
-    if local_shape != expected:
-        raise NotImplementedError(
-            f"parameter {name!r}: this rank's shard has shape {local_shape}, but placements {placements} "
-            f"split its shape {shape} into {expected} here; layouts other than torch.chunk's are not supported"
-        )
-    return bounds
-
-
-def _localize(index: torch.Tensor, shape: tuple[int, ...], bounds: list[tuple[int, int]]) -> torch.Tensor:
-    """The sorted global flat ``index`` entries inside ``bounds``, as flat indices into the shard they make."""
-    if all(low == 0 and high == size for (low, high), size in zip(bounds, shape, strict=True)):
-        return index  # replicated: the local tensor is the whole tensor
-    if all(low == 0 and high == size for (low, high), size in zip(bounds[1:], shape[1:], strict=True)):
-        # Rows are contiguous in the row-major order, so a dim-0 shard is one span of the sorted index.
-        row = math.prod(shape[1:])
-        start, stop = bounds[0][0] * row, bounds[0][1] * row
-        first, last = (int(i) for i in torch.searchsorted(index, torch.tensor([start, stop])))
-        return index[first:last] - start
-    coords = torch.unravel_index(index, shape)
-    inside = torch.ones(index.numel(), dtype=torch.bool)
-    for coord, (low, high) in zip(coords, bounds, strict=True):
-        inside &= (coord >= low) & (coord < high)
-    local = torch.zeros(int(inside.sum()), dtype=torch.int64)
-    for coord, (low, high) in zip(coords, bounds, strict=True):
-        local = local * (high - low) + (coord[inside] - low)
-    return local
 
 
 def _local_param_and_grad(name: str, param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The parameter and gradient data a step works on: this rank's shards for a DTensor parameter."""
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return param.detach(), grad
-    if not _is_dtensor(grad):
+    if not is_dtensor(grad):
         raise InvalidArgumentError(
             f"parameter {name!r} is a DTensor but its gradient is a plain {type(grad).__name__}; "
             "set gradients through DTensor operations (or FSDP2) so they carry placements"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -31,15 +32,9 @@ class BaseWriter:
 
     def pieces(self) -> Iterator[bytes | memoryview]:
         by_name = {name: (tensor, row) for name, tensor, row in self._tensors}
-        order = safetensors_layout.aligned_order({name: tensor for name, tensor, _ in self._tensors})
-        layout = []
-        for name in order:
-            tensor, row = by_name[name]
-            size = tensor.numel() * row.itemsize
-            native = row.safetensors
-            layout.append((name, native or "U8", list(tensor.shape) if native else [size], size))
-        yield safetensors_layout.header(layout, _METADATA)
-        for name in order:
+        head, offsets = base_header([(name, row, tuple(tensor.shape)) for name, tensor, row in self._tensors])
+        yield head
+        for name in offsets:
             tensor, row = by_name[name]
             data = byte_view(tensor)
             per_chunk = digests.chunk_elements(row.itemsize, self._chunk_bytes) * row.itemsize
@@ -48,6 +43,26 @@ class BaseWriter:
                 piece = data[start:stop]
                 chunks.append(digests.of_tensor_bytes(piece))
                 yield piece.numpy().data
+
+
+def base_header(specs: list[tuple[str, DType, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
+    """The base file's header for tensors ``(name, dtype, shape)``, and each tensor's data offset in the file.
+
+    Tensors follow larger elements first (stable), as safetensors' own writer orders them, so
+    every tensor starts aligned to its element size. The offsets dict is in file order.
+    """
+    order = sorted(specs, key=lambda spec: -spec[1].itemsize)
+    layout = []
+    for name, row, shape in order:
+        size = math.prod(shape) * row.itemsize
+        native = row.safetensors
+        layout.append((name, native or "U8", list(shape) if native else [size], size))
+    head = safetensors_layout.header(layout, _METADATA)
+    offsets, offset = {}, len(head)
+    for name, _, _, size in layout:
+        offsets[name] = offset
+        offset += size
+    return head, offsets
 
 
 def open_base(buffer: memoryview, entries: list[TensorEntry], *, where: str) -> dict[str, torch.Tensor]:

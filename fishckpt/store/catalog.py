@@ -193,12 +193,16 @@ class Catalog:
             step=record.step,
             path=self.file(self.key(step)),
             created=record.created,
-            bytes=record.stored_bytes,
+            bytes=record.total_bytes,
             dense_bytes=self.dense_bytes,
             k=record.k,
-            changed_outside_mask={outside.name: outside.count for outside in record.outside},
+            changed_outside_mask=(
+                dict(record.shards.outside)
+                if record.shards is not None
+                else {outside.name: outside.count for outside in record.outside}
+            ),
             metadata=metadata if isinstance(metadata, dict) else {},
-            training_state_bytes=record.training_bytes,
+            training_state_bytes=record.total_training_bytes,
         )
 
     def report(self, *, steps: Iterable[int] | None = None) -> StoreReport:

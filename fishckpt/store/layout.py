@@ -29,7 +29,16 @@ from .table import build_table
 class StoreLayout:
     """The base and mask of one store, and every fact derived from them (all O(k) but the mapping)."""
 
-    def __init__(self, storage: Storage, manifest: Manifest, mask: Mask) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: Manifest,
+        mask: Mask,
+        *,
+        base: dict[str, torch.Tensor] | None = None,
+        base_values: npt.NDArray[np.uint8] | None = None,
+    ) -> None:
+        """``base`` and ``base_values`` preset what would be read from the base file (store/shards.py's views)."""
         self.storage = storage
         self.manifest = manifest
         self.mask = mask
@@ -42,8 +51,10 @@ class StoreLayout:
         self.dense_bytes = sum(entry.nbytes for entry in self.owners)
         self._base_rows: batch.Rows | None = None
         self._row_plans: dict[int, RowPlan] = {}
-        self._base: dict[str, torch.Tensor] | None = None
+        self._base: dict[str, torch.Tensor] | None = base
         self._base_values: npt.NDArray[np.uint8] | None = None
+        if base_values is not None:
+            self._set_base_values(base_values)
         self._scratch: torch.Tensor | None = None
         self.scratch_lock = threading.Lock()
         self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -124,10 +135,14 @@ class StoreLayout:
                     "match the digest recorded at create; restore the base file from a copy (the step files "
                     "are coded against these values, so no step can be saved or restored until then)"
                 )
-            for group in self.table.groups:
-                group.order = codec.exponent_order(self.table.group_words(values, group))
-            self._base_values = values
+            self._set_base_values(values)
+        assert self._base_values is not None
         return self._base_values
+
+    def _set_base_values(self, values: npt.NDArray[np.uint8]) -> None:
+        for group in self.table.groups:
+            group.order = codec.exponent_order(self.table.group_words(values, group))
+        self._base_values = values
 
     def base_row_values(self, row: int) -> torch.Tensor:
         """The base's element words at row ``row``'s mask indices."""

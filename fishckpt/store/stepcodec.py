@@ -53,6 +53,7 @@ class Decoded:
     file: StepFile
     values: Values  # every masked value, in the mask table's layout
     changes: dict[str, Change]  # in manifest order
+    parts: list[Decoded] | None = None  # a sharded step: each rank's part, decoded (their training states)
 
 
 @dataclass

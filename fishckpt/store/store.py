@@ -25,6 +25,7 @@ from torch.autograd.graph import increment_version
 
 from ..errors import (
     BaseMismatchError,
+    FishckptError,
     FormatError,
     IntegrityError,
     InvalidArgumentError,
@@ -51,10 +52,12 @@ from ..format.names import (
     MANIFEST_V2,
     STEPS_DIR,
     mask_name,
+    part_step_of,
 )
 from ..mask import Mask
+from ..sharding import is_dtensor, process_group
 from ..storage import LocalStorage, RootState, Storage, open_storage
-from . import batch, capture, rebuild, stepcodec, training
+from . import batch, capture, rebuild, shards, stepcodec, training
 from .basefile import BaseWriter
 from .capture import StateLike
 from .catalog import Catalog, check_step, read_manifest
@@ -103,6 +106,9 @@ class CheckpointStore:
         self._decoded: dict[int, tuple[object, stepcodec.Decoded]] = {}
         self._residency = Residency()
         self._temps_cleared = False
+        # Shards of this store (sharded training): by their ranges, most recently used last.
+        self._shards: dict[tuple[bytes, bool], shards.Shard] = {}
+        self._localized: dict[tuple[int, bytes], stepcodec.Decoded] = {}
 
     # Creating and opening -----------------------------------------------------------------------
 
@@ -157,7 +163,23 @@ class CheckpointStore:
             )
         if chunk_bytes < 64 or chunk_bytes % 16:
             raise InvalidArgumentError("chunk_bytes must be a multiple of 16 and at least 64")
-        entries, tensors = _plan_base(capture.state_of(base), mask)
+        state = capture.state_of(base)
+        if any(is_dtensor(tensor) for tensor in state.values()):
+            from . import sharded
+
+            entries, tensors = _plan_base(state, mask, sharded=True)
+            sharded.create(
+                storage,
+                entries,
+                tensors,
+                mask,
+                replace=found is RootState.STORE,
+                owned=_OWNED,
+                chunk_bytes=chunk_bytes,
+                lock_timeout=lock_timeout,
+            )
+            return cls.open(storage, lock_timeout=lock_timeout)
+        entries, tensors = _plan_base(state, mask)
         with storage.new_root(
             replace=found is RootState.STORE, marker=MANIFEST_V2, owned=_OWNED, timeout=lock_timeout
         ) as staging:
@@ -381,20 +403,41 @@ class CheckpointStore:
         step = check_step(step)
         self._writable()
         layout = self._layout
-        checked = capture.validated(layout, capture.state_of(state), where=self.location)
+        state_dict = capture.state_of(state)
+        checked = capture.validated(layout, state_dict, where=self.location)
         meta = _json_metadata(metadata)
         if not overwrite and self._storage.stat(self._key(step)) is not None:
             where = self._storage.where(self._key(step))
             raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
-        captured = capture.collect(layout, checked, check=check_outside_mask, device_check=device_check)
-        if strict and captured.changes:
-            listing = ", ".join(
-                f"{name} ({change.positions.numel()} entries)" for name, change in captured.changes.items()
-            )
-            raise OutsideMaskError(
-                f"step {step} not saved: entries outside the mask changed: {listing}. Nothing was written; "
-                "save without strict to store them, or find what moves them (weight decay, buffers)"
-            )
+        shard = ranks = None
+        if any(is_dtensor(tensor) for tensor in checked):
+            from . import sharded
+
+            ranks = sharded.ranks()
+            pieces = sharded.pieces_of(layout, checked, ranks.rank)
+            starts = np.array([p.start if p.writes else 0 for p in pieces], dtype=np.int64)
+            stops = np.array([p.stop if p.writes else 0 for p in pieces], dtype=np.int64)
+            try:
+                shard = self._shard(starts, stops, checked=check_outside_mask)
+                local = [p.local if p.writes else p.local[:0] for p in pieces]
+                captured = capture.collect(shard.layout, local, check=check_outside_mask, device_check=device_check)
+                _refuse_if_strict(strict, step, captured)
+            except Exception as error:  # raised on every rank at commit, never on this one alone (a hang)
+                return PendingSave(
+                    step=step,
+                    values=np.zeros(0, dtype=np.uint8),
+                    changes={},
+                    metadata=meta,
+                    training=None,
+                    overwrite=overwrite,
+                    checked=check_outside_mask,
+                    shard=shard,
+                    ranks=ranks,
+                    error=sharded.describe(error, ranks.rank),
+                )
+        else:
+            captured = capture.collect(layout, checked, check=check_outside_mask, device_check=device_check)
+        _refuse_if_strict(strict, step, captured)
         return PendingSave(
             step=step,
             values=captured.values,
@@ -403,11 +446,15 @@ class CheckpointStore:
             training=training.capture(optimizer, scheduler, rng),
             overwrite=overwrite,
             checked=check_outside_mask,
+            shard=shard,
+            ranks=ranks,
         )
 
     def commit(self, pending: PendingSave, *, started: float | None = None) -> SaveInfo:
         """The second half of ``save``: codes what ``capture`` read and writes it durably, under the lock."""
         started = time.perf_counter() if started is None else started
+        if pending.shard is not None:
+            return self._commit_sharded(pending, started)
         layout = self._layout
         step = pending.step
         key = self._key(step)
@@ -450,6 +497,146 @@ class CheckpointStore:
             seconds=time.perf_counter() - started,
             training_state_bytes=encoded.content.training_bytes,
         )
+
+    def _commit_sharded(self, pending: PendingSave, started: float) -> SaveInfo:
+        """A sharded save's commit, on every rank: its part, then rank 0's step file (store/sharded.py)."""
+        from . import sharded
+
+        ranks, shard, step = pending.ranks, pending.shard, pending.step
+        assert ranks is not None
+        token = sharded.broadcast_json(secrets.token_hex(8), ranks)
+        written = None
+        try:
+            if pending.error is not None:
+                raise sharded.rebuild_error(pending.error)
+            assert shard is not None
+            report = sharded.write_part(
+                self._storage,
+                shard,
+                step,
+                pending.values,
+                pending.changes,
+                pending.training,
+                ranks,
+                token,
+                self._layout.manifest.mask_digest,
+            )
+            written = report["file"]
+        except Exception as error:  # reported to rank 0, then raised on every rank
+            report = sharded.describe(error, ranks.rank)
+        reports = sharded.gather_json(report, ranks)
+        outcome: dict[str, Any] = {}
+        if reports is not None:
+            try:
+                outcome = self._publish_sharded(pending, reports, ranks.world)
+            except Exception as error:
+                outcome = sharded.describe(error, ranks.rank)
+        outcome = sharded.broadcast_json(outcome, ranks)
+        if not outcome["ok"]:
+            if written is not None:
+                with contextlib.suppress(OSError):
+                    self._storage.delete(f"{STEPS_DIR}/{written}")
+            raise sharded.rebuild_error(outcome)
+        return SaveInfo(
+            step=step,
+            path=self.step_path(step),
+            bytes_written=int(outcome["bytes"]),
+            dense_bytes=self.dense_bytes,
+            k=self.mask.k,
+            changed_outside_mask={name: int(count) for name, count in outcome["changed"].items()},
+            outside_mask_storage=dict(outcome["storage"]),
+            checked_outside_mask=pending.checked,
+            seconds=time.perf_counter() - started,
+            training_state_bytes=int(outcome["training_bytes"]),
+        )
+
+    def _publish_sharded(self, pending: PendingSave, reports: list[dict[str, Any]], world: int) -> dict[str, Any]:
+        """Rank 0: checks every rank's part and publishes the step file that makes the step visible."""
+        from . import sharded
+
+        failed = [report for report in reports if not report["ok"]]
+        if failed:
+            raise sharded.rebuild_error(failed[0])
+        step = pending.step
+        key = self._key(step)
+        where = self._storage.where(key)
+        table = self._layout.table
+        shards.check_coverage(table.numels, table.names, sharded.parts_ranges(reports), where=where)
+        fields = sharded.step_content_fields(reports, world)
+        layout = self._layout
+        content = stepfile.StepContent(
+            store_id=layout.manifest.store_id or "",
+            step=step,
+            created=time.time(),
+            base_digest=layout.manifest.base_digest,
+            mask_digest=layout.manifest.mask_digest,
+            k=layout.mask.k,
+            digest=digests.sharded_step_digest([report["digest"] for report in reports]),
+            metadata=pending.metadata,
+            values=[],
+            outside=[],
+            shards=fields,
+        )
+        with self._locked():
+            old: list[str] = []
+            if self._storage.stat(key) is not None:
+                if not pending.overwrite:
+                    raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
+                old = self._part_files(step)
+            if not self._temps_cleared:
+                self._storage.remove_stale_temps(STEPS_DIR)
+                self._remove_orphan_parts(keep={report["file"] for report in reports})
+                self._temps_cleared = True
+            written = self._storage.publish(key, stepfile.pack(content), overwrite=pending.overwrite)
+            for name in set(old) - {report["file"] for report in reports}:
+                with contextlib.suppress(FileNotFoundError):
+                    self._storage.delete(f"{STEPS_DIR}/{name}")
+        storage: dict[str, str] = {}
+        for report in reports:
+            storage.update(report["storage"])
+        return {
+            "ok": True,
+            "bytes": written + sum(int(report["bytes"]) for report in reports),
+            "changed": fields["outside"],
+            "storage": storage,
+            "training_bytes": sum(int(report["training_bytes"]) for report in reports),
+        }
+
+    def _part_files(self, step: int) -> list[str]:
+        """The part files a saved step's file lists (none for a step that is not sharded, or unreadable)."""
+        try:
+            record, _ = self._catalog.read_record(step, sections=False)
+        except (FishckptError, OSError):
+            return []
+        return [part.file for part in record.shards.parts] if record.shards is not None else []
+
+    def _remove_orphan_parts(self, *, keep: set[str]) -> None:
+        """Deletes part files that no step file lists: what ranks killed mid-save leave (O(steps), once)."""
+        by_step: dict[int, list[str]] = {}
+        for name in self._storage.list(STEPS_DIR):
+            step = part_step_of(name)
+            if step is not None and name not in keep:
+                by_step.setdefault(step, []).append(name)
+        for step, names in by_step.items():
+            listed = set(self._part_files(step))
+            for name in names:
+                if name not in listed:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._storage.delete(f"{STEPS_DIR}/{name}")
+
+    def _shard(self, starts: np.ndarray, stops: np.ndarray, *, checked: bool) -> shards.Shard:
+        """The store restricted to these ranges (store/shards.py), built once per distinct ranges."""
+        ranges = np.stack([starts, stops], axis=1).astype("<i8").tobytes()
+        for key in ((ranges, True), (ranges, checked)):
+            found = self._shards.get(key)
+            if found is not None:
+                self._shards[key] = self._shards.pop(key)
+                return found
+        built = shards.build(self._layout, starts, stops, checked=checked)
+        self._shards[(ranges, checked)] = built
+        while len(self._shards) > 64:
+            del self._shards[next(iter(self._shards))]
+        return built
 
     def _writable(self) -> None:
         if self.format_version < 2:
@@ -505,7 +692,7 @@ class CheckpointStore:
         layout.base_values()  # the base is checked first, so its faults are never blamed on a step
         record, file = self._catalog.read_record(step, sections=True)
         try:
-            decoded = stepcodec.decode(layout, record, file, where=self._storage.where(key))
+            decoded = self._decode_record(record, file, where=self._storage.where(key))
         except IntegrityError:
             self._blame_base()
             raise
@@ -513,6 +700,21 @@ class CheckpointStore:
         while len(self._decoded) > 2:
             del self._decoded[next(iter(self._decoded))]
         return decoded
+
+    def _decode_record(self, record: stepfile.StepRecord, file: stepfile.StepFile, *, where: str) -> stepcodec.Decoded:
+        """A checked step file decoded and proved; a sharded step's parts are read, proved and put together."""
+        if record.shards is None:
+            return stepcodec.decode(self._layout, record, file, where=where)
+        from . import sharded
+
+        return sharded.decode(
+            self._layout,
+            self._storage,
+            record,
+            file,
+            lambda starts, stops: self._shard(starts, stops, checked=False),
+            where=where,
+        )
 
     def _blame_base(self) -> None:
         """Raises the base's own error if the base is damaged: a step that fails against it is not to blame."""
@@ -580,16 +782,58 @@ class CheckpointStore:
         # whose version counters record later modification.
         owners = capture.validated(layout, capture.state_of(target), where=self.location)
         decoded = self._decode(step)
-        held = self._residency.held(owners)
+        if any(is_dtensor(owner) for owner in owners):
+            # Sharded: each rank writes its own shard of the step, whatever sharding saved it.
+            from . import sharded
+
+            pieces = sharded.pieces_of(layout, owners, rank=0)
+            starts = np.array([piece.start for piece in pieces], dtype=np.int64)
+            stops = np.array([piece.stop for piece in pieces], dtype=np.int64)
+            shard = self._shard(starts, stops, checked=verify)
+            # The local shards are written; the DTensors are remembered (their local tensors are fresh
+            # views at each access, which share the shard's version counter).
+            self._write_into(
+                shard.layout,
+                owners,
+                self._localize(shard, step, decoded),
+                verify=verify,
+                data=[piece.local for piece in pieces],
+            )
+            return
+        self._write_into(layout, owners, decoded, verify=verify)
+
+    def _localize(self, shard: shards.Shard, step: int, decoded: stepcodec.Decoded) -> stepcodec.Decoded:
+        """Step ``decoded`` cut to ``shard``, the same object while the step is unchanged (for O(k) switching)."""
+        key = (step, np.stack([shard.starts, shard.stops], axis=1).tobytes())
+        found = self._localized.get(key)
+        if found is not None and found.record is decoded.record:
+            return found
+        found = self._localized[key] = shards.localize(shard, decoded)
+        while len(self._localized) > 4:
+            del self._localized[next(iter(self._localized))]
+        return found
+
+    def _write_into(
+        self,
+        layout: StoreLayout,
+        owners: list[torch.Tensor],
+        decoded: stepcodec.Decoded,
+        *,
+        verify: bool,
+        data: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Writes ``decoded`` into ``data`` (default: the ``owners`` themselves), in O(k) when they hold a step."""
+        data = owners if data is None else data
+        held = self._residency.held(owners, data)
         with torch.no_grad():
             if held is decoded:
                 return
-            views = [owner.detach() for owner in owners]
+            views = [tensor.detach() for tensor in data]
             direct = [view.is_contiguous() and not view.is_conj() and not view.is_neg() for view in views]
             if held is not None and all(direct):
                 switch(layout, views, held, decoded, verify=verify)
                 increment_version(views)
-                self._residency.remember(owners, decoded)
+                self._residency.remember(owners, decoded, data)
                 return
             staged = [
                 view if ok and view.is_cpu else torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
@@ -598,9 +842,9 @@ class CheckpointStore:
             rebuild.write_full(layout, staged, decoded, verify=verify)
             for view, stage in zip(views, staged, strict=True):
                 if stage is not view:
-                    view.copy_(stage)
+                    view.copy_(stage.view(view.shape))
             increment_version(views)
-        self._residency.remember(owners, decoded)
+        self._residency.remember(owners, decoded, data)
 
     # Training state -------------------------------------------------------------------------------
 
@@ -627,6 +871,16 @@ class CheckpointStore:
             StateMismatchError: Something asked for was not saved with this step.
         """
         decoded = self._decode(check_step(step))
+        if decoded.parts is not None:  # a sharded step: each rank's training state is in its own part
+            group = process_group()
+            rank, world = group if group is not None else (0, 1)
+            if world != len(decoded.parts):
+                raise StateMismatchError(
+                    f"{decoded.where}: step {step} was saved by {len(decoded.parts)} ranks, each with its own "
+                    f"optimizer state; this is rank {rank} of {world}. Resume it on {len(decoded.parts)} ranks "
+                    "(the weights alone load on any number: load_into)"
+                )
+            decoded = decoded.parts[rank]
         tree = stepcodec.decode_training(decoded)
         for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
             if target is None:
@@ -661,10 +915,14 @@ class CheckpointStore:
         """Removes a saved step. Other steps never depend on it."""
         step = check_step(step)
         with self._locked():
+            parts = self._part_files(step) if self.format_version >= 2 else []
             try:
                 self._storage.delete(self._key(step))
             except FileNotFoundError:
                 raise StepNotFoundError(f"{self.location}: step {step} is not in the store") from None
+            for name in parts:  # after the step file: a reader never finds a listed part missing
+                with contextlib.suppress(FileNotFoundError):
+                    self._storage.delete(f"{STEPS_DIR}/{name}")
             self._decoded.pop(step, None)
 
     def verify(
@@ -715,7 +973,9 @@ class CheckpointStore:
             file = self._catalog.file(self._key(number))
             try:
                 record, step_file = self._catalog.read_record(number, sections=True)
-                if base_ok:
+                if base_ok and record.shards is not None:
+                    self._decode_record(record, step_file, where=str(file))  # proves every part, or raises
+                elif base_ok:
                     decoded = stepcodec.decode(self._layout, record, step_file, where=str(file), check=False)
                     for tensor in stepcodec.content_failures(self._layout, decoded):
                         what = "does not match its recorded digest"
@@ -782,7 +1042,18 @@ class CheckpointStore:
 class PendingSave:
     """What ``CheckpointStore.capture`` read from a live state: everything ``commit`` needs, and copies only."""
 
-    __slots__ = ("changes", "checked", "metadata", "overwrite", "step", "training", "values")
+    __slots__ = (
+        "changes",
+        "checked",
+        "error",
+        "metadata",
+        "overwrite",
+        "ranks",
+        "shard",
+        "step",
+        "training",
+        "values",
+    )
 
     def __init__(
         self,
@@ -794,8 +1065,14 @@ class PendingSave:
         training: tuple[Any, list[torch.Tensor]] | None,
         overwrite: bool,
         checked: bool,
+        shard: shards.Shard | None = None,
+        ranks: Any = None,
+        error: dict[str, Any] | None = None,
     ) -> None:
         self.step = step
+        self.shard = shard  # a sharded save: this rank's shard of the store
+        self.ranks = ranks
+        self.error = error  # a sharded save that failed on this rank: raised on every rank at commit
         self.values = values
         self.changes = changes
         self.metadata = metadata
@@ -831,9 +1108,13 @@ def _masked_digest(manifest: Manifest, mask: Mask, tensors: dict[str, torch.Tens
 
 
 def _plan_base(
-    state: dict[str, torch.Tensor], mask: Mask
+    state: dict[str, torch.Tensor], mask: Mask, *, sharded: bool = False
 ) -> tuple[list[TensorEntry], list[tuple[str, torch.Tensor, DType]]]:
-    """Validates a base state against a mask; finds tied tensors; returns entries and tensors to write."""
+    """Validates a base state against a mask; finds tied tensors; returns entries and tensors to write.
+
+    ``sharded``: the state holds DTensors, kept as they are (each rank writes its own part);
+    tensors are tied when they are the same object.
+    """
     bad = [name for name in state if not isinstance(name, str) or name == "__metadata__"]
     if bad:
         raise StateMismatchError(
@@ -853,6 +1134,17 @@ def _plan_base(
     for name, tensor in state.items():
         capture.check_tensor(name, tensor)
         row = dtype_row(tensor.dtype, key=name)
+        if sharded:
+            alias_of = seen.get((id(tensor),))
+            entries.append(TensorEntry(name, row, tuple(tensor.shape), alias_of, []))
+            if alias_of is None:
+                seen[(id(tensor),)] = name
+                tensors.append((name, tensor, row))
+            elif name in mask and mask.counts()[name]:
+                raise MaskMismatchError(
+                    f"mask tensor {name!r} is tied to {alias_of!r}; put its mask entries on {alias_of!r}"
+                )
+            continue
         tensor = tensor.detach()
         view_key = (
             (
@@ -881,6 +1173,15 @@ def _plan_base(
         entries.append(TensorEntry(name, row, tuple(tensor.shape), None, []))
         tensors.append((name, plain(tensor).contiguous().cpu(), row))
     return entries, tensors
+
+
+def _refuse_if_strict(strict: bool, step: int, captured: capture.Captured) -> None:
+    if strict and captured.changes:
+        listing = ", ".join(f"{name} ({change.positions.numel()} entries)" for name, change in captured.changes.items())
+        raise OutsideMaskError(
+            f"step {step} not saved: entries outside the mask changed: {listing}. Nothing was written; "
+            "save without strict to store them, or find what moves them (weight decay, buffers)"
+        )
 
 
 def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

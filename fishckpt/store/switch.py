@@ -34,21 +34,25 @@ class Residency:
         # id(tensor) -> (weak reference, record); a WeakKeyDictionary would compare tensors with ==.
         self._resident: dict[int, tuple[weakref.ref[torch.Tensor], _Resident]] = {}
 
-    def remember(self, owners: list[torch.Tensor], decoded: Decoded) -> None:
-        for owner in owners:
+    def remember(self, owners: list[torch.Tensor], decoded: Decoded, data: list[torch.Tensor] | None = None) -> None:
+        """Records that ``owners`` hold ``decoded``; ``data`` (default: the owners) are the tensors written.
+
+        A DTensor owner's data is its local shard: a view whose version counter is the shard's own.
+        """
+        for owner, written in zip(owners, owners if data is None else data, strict=True):
             key = id(owner)
 
             def forget(_: object, key: int = key) -> None:
                 self._resident.pop(key, None)
 
-            self._resident[key] = (weakref.ref(owner, forget), _Resident(decoded, owner._version))
+            self._resident[key] = (weakref.ref(owner, forget), _Resident(decoded, written._version))
 
-    def held(self, owners: list[torch.Tensor]) -> Decoded | None:
+    def held(self, owners: list[torch.Tensor], data: list[torch.Tensor] | None = None) -> Decoded | None:
         """The one decoded step every tensor of ``owners`` holds untouched, or None."""
         held = None
-        for owner in owners:
+        for owner, written in zip(owners, owners if data is None else data, strict=True):
             found = self._resident.get(id(owner))
-            if found is None or found[0]() is not owner or found[1].version != owner._version:
+            if found is None or found[0]() is not owner or found[1].version != written._version:
                 return None
             if held is not None and found[1].decoded is not held:
                 return None

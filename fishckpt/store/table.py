@@ -56,6 +56,10 @@ class MaskTable:
     groups: list[ValueGroup]
 
     @property
+    def names(self) -> list[str]:
+        return [entry.name for entry in self.entries]
+
+    @property
     def value_bytes(self) -> int:
         return int(self.value_offsets[-1])
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import threading
 import time
 import warnings
@@ -25,7 +24,8 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, OutsideMaskWarning, StepNotFoundError
-from ..store.capture import StateLike
+from ..sharding import is_dtensor, process_group
+from ..store.capture import StateLike, state_of
 from ..store.records import SaveInfo
 from ..store.store import CheckpointStore, outside_mask_summary
 
@@ -49,6 +49,8 @@ class Checkpointer:
             checksum on the device for CUDA tensors, the xxh3 scan for CPU tensors.
         writer: Whether this process writes. None decides by itself: under ``torch.distributed``
             (DDP), rank 0 writes and the other ranks wait at a barrier and never touch the store.
+            A state of DTensors (FSDP2) is saved by every rank, each its own shard, whatever
+            ``writer`` says; rank 0 prunes.
 
     Example:
         >>> with fishckpt.Checkpointer(store, every=100, keep_last=3) as ckpt:
@@ -86,7 +88,7 @@ class Checkpointer:
         self.rng = rng
         self.overwrite = overwrite
         self.device_check = device_check
-        self._group = _process_group()
+        self._group = process_group()
         self.writer = (self._group is None or self._group[0] == 0) if writer is None else writer
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -134,11 +136,15 @@ class Checkpointer:
             raise InvalidArgumentError("this Checkpointer is closed; make a new one")
         started = time.perf_counter()
         self._finish()  # backpressure: at most one save in flight, and never a dropped one
-        if not self.writer:
+        state = state_of(model)
+        # Sharded training (DTensors): every rank writes its own shard, and the store's commit
+        # brings the ranks together; otherwise (DDP's replicas) one writer and a barrier.
+        sharded = any(is_dtensor(tensor) for tensor in state.values())
+        if not self.writer and not sharded:
             self._barrier()
             return
         pending = self.store.capture(
-            model,
+            state,
             step,
             metadata=metadata,
             check_outside_mask=self.check_outside_mask,
@@ -156,7 +162,8 @@ class Checkpointer:
             self._commit(pending)
             self._collect()
         self.blocked_seconds.append(time.perf_counter() - started)
-        self._barrier()
+        if not sharded:
+            self._barrier()
 
     def wait(self) -> SaveInfo | None:
         """Waits for the save in flight, if any; returns the last save's SaveInfo, or raises its failure."""
@@ -217,6 +224,8 @@ class Checkpointer:
     def _retain(self, step: int) -> None:
         if self.keep_last is None and self.keep_every is None:
             return
+        if self._group is not None and self._group[0] != 0:
+            return  # one rank prunes (a sharded save commits on every rank)
         if self._saved is None:
             self._saved = self.store.steps
         if step not in self._saved:
@@ -286,24 +295,13 @@ def resume(
     if step is None:
         saved = store.steps
         step = saved[-1] if saved else None
-        group = _process_group()
+        group = process_group()
         if group is not None:  # every rank resumes from the step rank 0 found, even if saves raced the listing
-            import torch.distributed as dist
+            from ..store import sharded
 
-            chosen = [step]
-            dist.broadcast_object_list(chosen, src=0)
-            step = chosen[0]
+            step = sharded.broadcast_json(step, sharded.ranks())  # JSON over gloo: any backend, no pickle
         if step is None:
             return None
     store.load_into(model, step)
     store.load_training_state(step, optimizer, scheduler, rng=rng)
     return step
-
-
-def _process_group() -> tuple[int, int] | None:
-    """(rank, world size) when torch.distributed is initialized with more than one process; never imports it."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return None
-    world = dist.get_world_size()
-    return (dist.get_rank(), world) if world > 1 else None
