@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
+from safetensors import safe_open
 
 from fishckpt import CheckpointStore, IntegrityError, Mask, VerifyError
 
@@ -39,6 +42,9 @@ def _flip_each(path: Path, check: Callable[[int], None]) -> None:
         for keep in (0, 10, len(original) // 2, len(original) - 1):
             path.write_bytes(original[:keep])
             check(-keep)
+        for extra in (b"\x00", b"\x00" * 8, b"fishckpt"):  # appended bytes: a file longer than its header says
+            path.write_bytes(original + extra)
+            check(-len(original) - len(extra))  # negative: not a flipped data byte
     finally:
         path.write_bytes(original)
 
@@ -118,3 +124,56 @@ def test_verify_lists_every_failing_file(tmp_path: Path) -> None:
     with pytest.raises(VerifyError) as raised:
         CheckpointStore.open(store.path).verify()
     assert [failure.file for failure in raised.value.failures] == [store.step_path(1), store.step_path(2)]
+
+
+# A tensor renamed in a file's header, and what a user sees with plain safetensors ------------------------
+
+
+def _rename_first_tensor(path: Path) -> str:
+    """Renames the file's first section in its JSON header, keeping every length the same."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    first = next(name for name in header if name != "__metadata__")
+    renamed = first[:-1] + ("x" if first[-1] != "x" else "y")
+    patched = data[8 : 8 + length].replace(f'"{first}"'.encode(), f'"{renamed}"'.encode(), 1)
+    assert len(patched) == length
+    path.write_bytes(data[:8] + patched + data[8 + length :])
+    return renamed
+
+
+@pytest.mark.parametrize("kind", ["manifest", "mask", "step"])
+def test_a_tensor_renamed_in_the_header_is_refused(kind: str, tmp_path: Path) -> None:
+    store = _make_store(tmp_path)
+    path = store.step_path(1) if kind == "step" else store.files()[kind]
+    _rename_first_tensor(Path(path))
+    with pytest.raises(IntegrityError, match=re.escape(str(path))):
+        CheckpointStore.open(store.path).load(1)
+
+
+def test_step_and_mask_files_open_with_plain_safetensors(tmp_path: Path) -> None:
+    store = _make_store(tmp_path)
+    with safe_open(store.step_path(1), "pt") as opened:
+        metadata = opened.metadata()
+        names = sorted(opened.keys())
+        sections = {name: opened.get_tensor(name) for name in names}
+    assert metadata["fishckpt.format_version"] == "2"
+    assert metadata["fishckpt.kind"] == "step"
+    record = json.loads(metadata["fishckpt.record"])
+    assert (record["store_id"], record["step"]) == (store.store_id, 1)
+    assert (record["base_digest"], record["mask_digest"]) == (store.base_digest, store.mask.digest)
+    assert record["k"] == 40 and record["values"] == [{"width": 4, "count": 40}]
+    # The four byte planes of the 40 fp32 values' deltas, as 1-d uint8 tensors, each with its digest.
+    assert names == [f"values.w4.p{plane}" for plane in range(4)]
+    for name, tensor in sections.items():
+        assert tensor.dtype == torch.uint8 and tensor.dim() == 1
+        assert record["tensors"][name]["digest"] == xxhash.xxh3_128_hexdigest(tensor.numpy().tobytes())
+
+    with safe_open(store.files()["mask"], "pt") as opened:
+        metadata = opened.metadata()
+        names = sorted(opened.keys())
+    record = json.loads(metadata["fishckpt.record"])
+    assert metadata["fishckpt.kind"] == "mask"
+    assert record["entries"] == [["w", [64, 32], 40]]
+    assert record["digest"] == store.mask.digest
+    assert names == [f"positions.p{plane}" for plane in range(record["gap_width"])]
