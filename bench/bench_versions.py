@@ -100,6 +100,22 @@ def run(old: Any, new: Any, work: Path, rounds: int, report: Callable[[str], Non
         before, after = timed[f"{op} old"][0], timed[f"{op} new"][0]
         rows.append([op, f"{before * 1e3:,.1f}", f"{after * 1e3:,.1f}", f"{after / before:.2f}"])
     report(table(["operation (1 GiB, k = 0.5%)", "old ms", "new ms", "new / old"], rows))
+    sizes = {label: stores[label].info(1).bytes for label in stores}
+    report(
+        "\n"
+        + table(
+            ["step file of the same state", "old", "new", "new / old"],
+            [
+                ["bytes", f"{sizes['old']:,}", f"{sizes['new']:,}", f"{sizes['new'] / sizes['old']:.4f}"],
+                [
+                    "bytes per masked value",
+                    f"{sizes['old'] / mask.k:.3f}",
+                    f"{sizes['new'] / mask.k:.3f}",
+                    f"{sizes['new'] / sizes['old']:.4f}",
+                ],
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

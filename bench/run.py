@@ -16,6 +16,7 @@ import bench_loop
 import bench_many
 import bench_method
 import bench_remote
+import bench_sharded
 import bench_store
 
 
@@ -37,6 +38,8 @@ def main() -> None:
     bench_method.run(print)
     print("\n## Distributed (issue 12)")
     bench_ddp.run(print)
+    print("\n## Sharded checkpoints (issue 12)")
+    bench_sharded.run(print)
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 
