@@ -311,3 +311,32 @@ def test_parts_that_do_not_cover_the_tensors_are_refused() -> None:
     ):
         with pytest.raises(fishckpt.IntegrityError, match="exactly once"):
             check_coverage(numels, names, arrays(bad), where="x")
+
+
+def test_a_sharded_step_pruned_while_it_is_read_is_not_found_never_damaged(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step file is read first, then its parts: a prune in between must look like "not saved"."""
+    import shutil
+
+    from fishckpt.storage import LocalStorage
+
+    _, out, trained_store = _train_run(2, tmp_path_factory)
+    store_path = tmp_path / "store"
+    shutil.copytree(trained_store, store_path)
+    reader, pruner = CheckpointStore.open(store_path), CheckpointStore.open(store_path)
+    original = LocalStorage.read
+    pruned = []
+
+    def read(self: LocalStorage, name: str) -> bytes:
+        if part_step_of(name.rpartition("/")[2]) == 5 and not pruned:
+            pruned.append(name)
+            pruner.delete(5)  # step file first, then its parts
+        return original(self, name)
+
+    monkeypatch.setattr(LocalStorage, "read", read)
+    with pytest.raises(fishckpt.StepNotFoundError, match="step 5 is not in the store"):
+        reader.load(5)
+    assert pruned and 5 not in reader.steps
+    assert not _parts(store_path, 5)
+    _same_bits(reader.load(6), load_file(out / "full-6.safetensors"))

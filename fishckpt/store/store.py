@@ -577,20 +577,28 @@ class CheckpointStore:
             outside=[],
             shards=fields,
         )
-        with self._locked():
-            old: list[str] = []
-            if self._storage.stat(key) is not None:
-                if not pending.overwrite:
-                    raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
-                old = self._part_files(step)
-            if not self._temps_cleared:
-                self._storage.remove_stale_temps(STEPS_DIR)
-                self._remove_orphan_parts(keep={report["file"] for report in reports})
-                self._temps_cleared = True
-            written = self._storage.publish(key, stepfile.pack(content), overwrite=pending.overwrite)
-            for name in set(old) - {report["file"] for report in reports}:
-                with contextlib.suppress(FileNotFoundError):
+        written: int | None = None
+        try:
+            with self._locked():
+                old: list[str] = []
+                if self._storage.stat(key) is not None:
+                    if not pending.overwrite:
+                        raise StepExistsError(
+                            f"{where}: step {step} is already saved; pass overwrite=True to replace it"
+                        )
+                    old = self._part_files(step)
+                if not self._temps_cleared:
+                    self._storage.remove_stale_temps(STEPS_DIR)
+                    self._remove_orphan_parts(keep={report["file"] for report in reports})
+                    self._temps_cleared = True
+                written = self._storage.publish(key, stepfile.pack(content), overwrite=pending.overwrite)
+                for name in set(old) - {report["file"] for report in reports}:
                     self._storage.delete(f"{STEPS_DIR}/{name}")
+        except Exception:
+            if written is None:
+                raise
+            # The step is saved: nothing after that may fail it (the ranks would delete its parts).
+            # What is left undone (an old part not deleted) the next save's sweep removes.
         storage: dict[str, str] = {}
         for report in reports:
             storage.update(report["storage"])
@@ -678,7 +686,7 @@ class CheckpointStore:
 
     # Loading --------------------------------------------------------------------------------------
 
-    def _decode(self, step: int) -> stepcodec.Decoded:
+    def _decode(self, step: int, *, again: bool = True) -> stepcodec.Decoded:
         """Reads, checks and decodes one step file (O(k)); recently decoded steps are reused."""
         key = self._key(step)
         found = self._storage.stat(key)
@@ -694,6 +702,14 @@ class CheckpointStore:
         try:
             decoded = self._decode_record(record, file, where=self._storage.where(key))
         except IntegrityError:
+            if record.shards is not None and again:
+                # Its parts are read after the step file: a prune or an overwrite between the two
+                # removes them. A step that is gone now is not saved; one saved again is read again.
+                now = self._storage.stat(key)
+                if now is None:
+                    raise self._catalog.absent(step) from None
+                if now.version != found.version:
+                    return self._decode(step, again=False)
             self._blame_base()
             raise
         self._decoded[step] = (found.version, decoded)
