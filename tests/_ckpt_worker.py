@@ -118,6 +118,18 @@ def train_suite(rank: int, world: int, out: Path, store_path: Path) -> None:
     if rank == 0:
         save_file(_flat(switched), str(out / "switched.safetensors"))
     record["write_full_calls"] = calls["write_full"]
+
+    # A failure on one rank (strict refuses a change outside the mask on the last rank's rows only)
+    # is raised on every rank, with its type, and nothing of the step is written.
+    with torch.no_grad():
+        net.seen.zero_()  # type: ignore[operator]  # the buffer back at the base's value, on every rank
+        if rank == world - 1:
+            net.embed.bias.to_local()[-1] += 1.0  # type: ignore[operator]  # embed.bias has no mask entries
+    try:
+        store.save(net, 99, strict=True)
+        record["strict"] = "saved"
+    except fishckpt.OutsideMaskError as error:
+        record["strict"] = str(error)
     record["steps"] = store.steps
     (out / f"train.rank{rank}.json").write_text(json.dumps(record))
 

@@ -340,3 +340,13 @@ def test_a_sharded_step_pruned_while_it_is_read_is_not_found_never_damaged(
     assert pruned and 5 not in reader.steps
     assert not _parts(store_path, 5)
     _same_bits(reader.load(6), load_file(out / "full-6.safetensors"))
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_and_writes_nothing(trained: tuple[int, Path, Path]) -> None:
+    world, out, store_path = trained
+    for rank in range(world):
+        record = json.loads((out / f"train.rank{rank}.json").read_text())
+        assert record["strict"].startswith(f"rank {world - 1}: step 99 not saved: entries outside the mask changed")
+        assert "embed.bias (1 entries)" in record["strict"]
+        assert 99 not in record["steps"]
+    assert not _parts(store_path, 99)

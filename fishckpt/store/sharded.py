@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import json
 import math
 import os
@@ -126,7 +127,9 @@ def broadcast_json(message: Any, where: Ranks) -> Any:
 
 
 def describe(error: BaseException, rank: int) -> dict[str, Any]:
-    return {"ok": False, "type": type(error).__name__, "message": f"rank {rank}: {error}"}
+    """An error as a message for the other ranks, naming the rank it happened on (once)."""
+    message = str(error) if getattr(error, "_fishckpt_from_rank", False) else f"rank {rank}: {error}"
+    return {"ok": False, "type": type(error).__name__, "message": message}
 
 
 def rebuild_error(found: dict[str, Any]) -> BaseException:
@@ -134,12 +137,12 @@ def rebuild_error(found: dict[str, Any]) -> BaseException:
     ours = {cls.__name__: cls for cls in _subclasses(FishckptError)}
     kind = ours.get(found["type"]) or getattr(builtins, found["type"], None)
     message = found["message"]
+    error: BaseException = FishckptError(f"{found['type']}: {message}")
     if isinstance(kind, type) and issubclass(kind, Exception):
-        try:
-            return kind(message)
-        except TypeError:
-            pass
-    return FishckptError(f"{found['type']}: {message}")
+        with contextlib.suppress(TypeError):  # a type that takes other arguments: keep the generic error
+            error = kind(message)
+    error._fishckpt_from_rank = True  # type: ignore[attr-defined]  # passed on again, it keeps its rank
+    return error
 
 
 def _subclasses(cls: type[Exception]) -> list[type[Exception]]:

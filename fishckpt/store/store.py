@@ -59,7 +59,7 @@ from ..sharding import is_dtensor, process_group
 from ..storage import LocalStorage, RootState, Storage, open_storage
 from . import batch, capture, rebuild, shards, stepcodec, training
 from .basefile import BaseWriter
-from .capture import StateLike
+from .capture import Captured, StateLike
 from .catalog import Catalog, check_step, read_manifest
 from .layout import StoreLayout
 from .records import CheckpointInfo, SaveInfo, StoreReport, VerifyReport
@@ -409,35 +409,20 @@ class CheckpointStore:
         if not overwrite and self._storage.stat(self._key(step)) is not None:
             where = self._storage.where(self._key(step))
             raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
-        shard = ranks = None
+        shard = ranks = error = None
         if any(is_dtensor(tensor) for tensor in checked):
             from . import sharded
 
             ranks = sharded.ranks()
-            pieces = sharded.pieces_of(layout, checked, ranks.rank)
-            starts = np.array([p.start if p.writes else 0 for p in pieces], dtype=np.int64)
-            stops = np.array([p.stop if p.writes else 0 for p in pieces], dtype=np.int64)
             try:
-                shard = self._shard(starts, stops, checked=check_outside_mask)
-                local = [p.local if p.writes else p.local[:0] for p in pieces]
-                captured = capture.collect(shard.layout, local, check=check_outside_mask, device_check=device_check)
+                shard, captured = self._capture_shard(checked, ranks.rank, check_outside_mask, device_check)
                 _refuse_if_strict(strict, step, captured)
-            except Exception as error:  # raised on every rank at commit, never on this one alone (a hang)
-                return PendingSave(
-                    step=step,
-                    values=np.zeros(0, dtype=np.uint8),
-                    changes={},
-                    metadata=meta,
-                    training=None,
-                    overwrite=overwrite,
-                    checked=check_outside_mask,
-                    shard=shard,
-                    ranks=ranks,
-                    error=sharded.describe(error, ranks.rank),
-                )
+            except Exception as failure:  # raised on every rank at commit, never on this one alone (a hang)
+                error = sharded.describe(failure, ranks.rank)
+                captured = capture.Captured(np.zeros(0, dtype=np.uint8), {})
         else:
             captured = capture.collect(layout, checked, check=check_outside_mask, device_check=device_check)
-        _refuse_if_strict(strict, step, captured)
+            _refuse_if_strict(strict, step, captured)
         return PendingSave(
             step=step,
             values=captured.values,
@@ -448,7 +433,21 @@ class CheckpointStore:
             checked=check_outside_mask,
             shard=shard,
             ranks=ranks,
+            error=error,
         )
+
+    def _capture_shard(
+        self, tensors: list[torch.Tensor], rank: int, check: bool, device_check: bool | None
+    ) -> tuple[shards.Shard, Captured]:
+        """A sharded save's capture: this rank's pieces of ``tensors`` (DTensors and replicated plain tensors)."""
+        from . import sharded
+
+        pieces = sharded.pieces_of(self._layout, tensors, rank)
+        starts = np.array([p.start if p.writes else 0 for p in pieces], dtype=np.int64)
+        stops = np.array([p.stop if p.writes else 0 for p in pieces], dtype=np.int64)
+        shard = self._shard(starts, stops, checked=check)
+        local = [p.local if p.writes else p.local[:0] for p in pieces]
+        return shard, capture.collect(shard.layout, local, check=check, device_check=device_check)
 
     def commit(self, pending: PendingSave, *, started: float | None = None) -> SaveInfo:
         """The second half of ``save``: codes what ``capture`` read and writes it durably, under the lock."""
