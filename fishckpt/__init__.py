@@ -5,6 +5,7 @@ from .errors import (
     BaseMismatchError,
     FishckptError,
     FormatError,
+    HeadNotTrainableWarning,
     IntegrityError,
     InvalidArgumentError,
     MaskLeakWarning,
@@ -17,10 +18,12 @@ from .errors import (
     StepNotFoundError,
     StoreExistsError,
     StoreLockedError,
+    UnshuffledDataWarning,
     VerifyError,
     VerifyFailure,
 )
 from .mask import Mask
+from .method.clip import clip_masked_grad_norm_
 from .method.fisher import fisher_scores
 from .method.optim import GradientMask, SparseAdamW, mask_gradients
 from .method.select import bitfit_mask, diff_mask, fish_mask, random_mask
@@ -39,6 +42,7 @@ __all__ = [
     "FishckptError",
     "FormatError",
     "GradientMask",
+    "HeadNotTrainableWarning",
     "IntegrityError",
     "InvalidArgumentError",
     "Mask",
@@ -58,10 +62,12 @@ __all__ = [
     "StoreLockedError",
     "StoreReport",
     "TensorDiff",
+    "UnshuffledDataWarning",
     "VerifyError",
     "VerifyFailure",
     "__version__",
     "bitfit_mask",
+    "clip_masked_grad_norm_",
     "diff_mask",
     "diff_states",
     "fish_mask",

@@ -9,6 +9,7 @@ __all__ = [
     "BaseMismatchError",
     "FishckptError",
     "FormatError",
+    "HeadNotTrainableWarning",
     "IntegrityError",
     "InvalidArgumentError",
     "MaskLeakWarning",
@@ -21,6 +22,7 @@ __all__ = [
     "StepNotFoundError",
     "StoreExistsError",
     "StoreLockedError",
+    "UnshuffledDataWarning",
     "VerifyError",
     "VerifyFailure",
 ]
@@ -96,6 +98,14 @@ class OutsideMaskWarning(UserWarning):
 
 class MaskLeakWarning(UserWarning):
     """An optimizer will move weights outside the mask (weight decay, or momentum left from earlier steps)."""
+
+
+class UnshuffledDataWarning(UserWarning):
+    """``fisher_scores`` was given data in a fixed order and will use only its first examples."""
+
+
+class HeadNotTrainableWarning(UserWarning):
+    """A mask leaves out part of what looks like the task head: a ``classifier``, ``fc``, ``lm_head`` or ``score``."""
 
 
 @dataclass(frozen=True)
