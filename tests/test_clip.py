@@ -26,7 +26,8 @@ def _mask(model: nn.Module) -> Mask:
     """A few entries of the first weight, the whole middle weight, nothing of the rest."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(1)
-    return Mask.from_indices({"0.weight": torch.randperm(60, generator=generator)[:7], "2.weight": torch.arange(30)}, shapes)
+    indices = {"0.weight": torch.randperm(60, generator=generator)[:7], "2.weight": torch.arange(30)}
+    return Mask.from_indices(indices, shapes)
 
 
 def _backward(model: nn.Module, scale: float = 1.0) -> None:
