@@ -17,6 +17,7 @@ the other seeds then run at that rate.
 
     python experiments/transfer_minilm.py                 # the table in docs/experiments.md
     python experiments/transfer_minilm.py --quick         # a few minutes: 1 seed, 1 epoch, smaller grids
+    python experiments/transfer_minilm.py --methods FISH --lrs 1e-4 3e-4 --seeds 1   # one method, other rates
 """
 
 from __future__ import annotations
@@ -161,13 +162,16 @@ def fisher_batches(train: Encoded, seed: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+FISH_EXCLUDE: list[str] = []  # --fish-exclude: tensors FISH may not select (a diagnostic, not the method)
+
+
 def fish(model: nn.Module, train: Encoded, seed: int) -> Mask:
     started = time.perf_counter()
     batches = fisher_batches(train, seed)
     examples = min(FISHER_SAMPLES, len(train.ids))
     scores = fisher_scores(model, batches, num_samples=examples, method="vmap", chunk_size=8)
     print(f"  FISH, seed {seed}: Fisher over {examples} reviews in {time.perf_counter() - started:.0f} s", flush=True)
-    return fish_mask(scores, keep_ratio=KEEP_RATIO, always_trainable=HEAD)
+    return fish_mask(scores, keep_ratio=KEEP_RATIO, always_trainable=HEAD, exclude=FISH_EXCLUDE)
 
 
 MASKS: dict[str, Callable[[nn.Module, Encoded, int], Mask | None]] = {
@@ -325,9 +329,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--methods", nargs="+", default=list(MASKS), choices=list(MASKS))
+    parser.add_argument("--lrs", type=float, nargs="+", help="learning rates to search instead of each method's grid")
+    parser.add_argument("--fish-exclude", nargs="+", default=[], help="diagnostic: patterns FISH may not select")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, the middle learning rate only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    FISH_EXCLUDE[:] = args.fish_exclude
     if args.quick:
         args.seeds, args.epochs = 1, 1
     started = time.perf_counter()
@@ -349,7 +356,7 @@ def main() -> None:
     )
     results, masks = {}, {}
     for method in args.methods:
-        grid = GRIDS[method][1:2] if args.quick else GRIDS[method]
+        grid = tuple(args.lrs) if args.lrs else GRIDS[method][1:2] if args.quick else GRIDS[method]
         results[method], mask = run_method(
             method, data, seeds=args.seeds, epochs=args.epochs, grid=grid, log=lambda line: print(line, flush=True)
         )
