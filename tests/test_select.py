@@ -217,3 +217,25 @@ def test_diff_mask_never_selects_unchanged_bits() -> None:
         diff_mask(base, {"v": torch.zeros(5)}, k=1)
     with pytest.raises(StateMismatchError, match="'w' is torch.float64"):
         diff_mask(base, {"w": torch.zeros(5, dtype=torch.float64)}, k=1)
+
+
+def test_random_mask_is_the_same_in_every_version() -> None:
+    """A seed names one mask forever: runs are reproduced from a seed, across fishckpt versions.
+
+    The expected masks were recorded from this version (fishckpt 0.2.0: torch's CPU generator seeded with
+    ``seed``, one float64 key per entry, drawn tensor by tensor, the largest keys win) and must never change.
+    A change to how the keys are drawn (their dtype, their order, the generator) fails here.
+    """
+    state = {"a": torch.zeros(3, 4), "b": torch.zeros(10)}
+    mask = random_mask(state, 0.25, seed=7)
+    assert {name: mask[name].tolist() for name in mask} == {"a": [2, 4], "b": [5, 7, 8, 9]}
+    # The head counts toward the budget, and seeds beyond 32 bits are used whole.
+    mask = random_mask(state, 0.5, seed=2**40 + 3, always_trainable=["b"])
+    assert {name: mask[name].tolist() for name in mask} == {"a": [9], "b": list(range(10))}
+    large = random_mask({"w": torch.zeros(100, 100), "v": torch.zeros(5000, dtype=torch.float64)}, 0.01, seed=0)
+    assert (large.k, large["w"][:5].tolist(), large["v"][:5].tolist()) == (
+        150,
+        [48, 63, 265, 330, 389],
+        [94, 115, 123, 411, 459],
+    )
+    assert large.digest == "a51e168dfd7a81aec5eb6b673f77364a"
