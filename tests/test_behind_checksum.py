@@ -451,9 +451,12 @@ def test_a_valid_mask_file_decodes_at_every_boundary(version: int) -> None:
         ([["w", [4], 1], ["w", [4], 1]], [0, 4], None, "tensor 'w' appears twice"),
         ([["w", [4], 2]], [0, 4], None, "indices of tensor 'w' are out of range for shape \\(4,\\)"),
         ([["a", [4], 2], ["b", [4], 1]], [0, 1, 2], None, "indices of tensor 'b' are out of range for shape \\(4,\\)"),
+        ([["w", [8], 3]], [0, 1], None, "mask position planes hold \\[2\\] bytes, but the header declares 3 entries"),
+        ([["w", [8], 1]], [0, 1], None, "mask position planes hold \\[2\\] bytes, but the header declares 1 entries"),
     ],
     ids=["short-entry", "count-str", "shape-int", "entries-str", "no-width", "width-5", "width-planes",
-         "too-many", "negative-count", "negative-dim", "twice", "past-the-end", "before-the-start"],
+         "too-many", "negative-count", "negative-dim", "twice", "past-the-end", "before-the-start", "planes-short",
+         "planes-long"],
 )  # fmt: skip
 def test_mask_file_checks_behind_a_valid_checksum(
     version: int, entries: object, positions: list[int], gap_width: object, message: str
