@@ -48,6 +48,18 @@ def test_delta_round_trips_any_bit_patterns(pair: tuple[np.ndarray, np.ndarray])
 
 @PROPERTY
 @given(st.sampled_from(WIDTHS).flatmap(_words))
+def test_words_round_trip_as_byte_planes(words: np.ndarray) -> None:
+    sections = codec.encode_words(words)
+    assert len(sections) == words.dtype.itemsize
+    planes = [codec.decompress(s.codec, s.payload, s.raw_length, where="t") for s in sections]
+    by_byte = words.view(np.uint8).reshape(-1, words.dtype.itemsize)
+    assert planes == [by_byte[:, plane].tobytes() for plane in range(words.dtype.itemsize)]
+    decoded = codec.decode_words(planes, words.size, words.dtype.itemsize)
+    assert decoded.dtype == words.dtype and np.array_equal(decoded, words)
+
+
+@PROPERTY
+@given(st.sampled_from(WIDTHS).flatmap(_words))
 def test_zigzag_is_a_bijection_onto_small_numbers(words: np.ndarray) -> None:
     assert np.array_equal(codec.unzigzag(codec.zigzag(words)), words)
     # Reference: a signed value v maps to 2v for v >= 0 and -2v - 1 below, computed in Python ints.
@@ -391,6 +403,12 @@ def test_v2_section_checks_behind_a_valid_checksum() -> None:
         stfile.read_whole(_resealed(data, wrong("raw_bytes", 299)), kind="step", where="f").section("a.p0")
     with pytest.raises(FormatError, match="no section 'nope'"):
         stfile.read_whole(data, kind="step", where="f").section("nope")
+
+
+def test_v2_pack_refuses_two_sections_of_one_name() -> None:
+    twice = [("a", Section("raw", 0, b"")), ("a", Section("raw", 1, b"x"))]
+    with pytest.raises(ValueError, match="^section names must be unique$"):
+        stfile.pack("step", {}, twice)
 
 
 def test_a_plain_safetensors_file_is_not_taken_for_a_fishckpt_file() -> None:

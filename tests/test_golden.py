@@ -16,6 +16,8 @@ from golden_v2 import step_state as golden_v2_step
 from safetensors import safe_open
 
 from fishckpt import CheckpointStore, FormatError, OutsideMaskWarning
+from fishckpt.format import container, manifest, maskfile
+from fishckpt.format.codec import Section
 
 GOLDEN = Path(__file__).parent / "data" / "store_v1"
 
@@ -133,3 +135,26 @@ def test_format_2_is_still_written_byte_for_byte_the_same(golden_v2: CheckpointS
             assert names == sorted(now.keys())
             for name in names:
                 assert torch.equal(before.get_tensor(name), now.get_tensor(name)), name
+
+
+def test_the_format_1_writers_still_write_the_golden_files() -> None:
+    """The format 1 writers are kept to make fixtures of old stores, so they must still write fishckpt 0.1's bytes."""
+    manifest_bytes = (GOLDEN / "fishckpt.json").read_bytes()
+    assert manifest.to_json_v1(manifest.parse_v1(manifest_bytes, where="m")) == manifest_bytes
+    mask_bytes = (GOLDEN / "mask.fishmask").read_bytes()
+    indices, shapes, digest = maskfile.decode(mask_bytes, where="m")
+    assert b"".join(maskfile.encode_v1(indices, shapes, digest)) == mask_bytes
+    for step in (1, 2):
+        step_bytes = (GOLDEN / "steps" / f"step-{step:012d}.fishckpt").read_bytes()
+        parsed = container.parse("s", step_bytes, container.CHECKPOINT_MAGIC, what="checkpoint")
+        header = {key: value for key, value in parsed.header.items() if key != "sections"}
+        offset = len(step_bytes) - 16 - sum(parsed.stored_lengths)
+        payloads = []
+        for length in parsed.stored_lengths:
+            payloads.append(step_bytes[offset : offset + length])
+            offset += length
+        sections = [
+            Section(codec, raw_length, payload)
+            for (codec, _, raw_length), payload in zip(parsed.header["sections"], payloads, strict=True)
+        ]
+        assert b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections)) == step_bytes
