@@ -108,6 +108,18 @@ def test_compress_keeps_incompressible_data_raw() -> None:
     assert codec.compress(bytes(4096)).codec == "zstd"
 
 
+def test_compress_is_zstd_level_1_kept_only_when_smaller() -> None:
+    """format.md: each section is zstd level 1, or raw when zstd does not make it smaller (a tie stays raw)."""
+    tie = bytes(17) + bytes.fromhex("f3ad7f")
+    assert len(zstandard.ZstdCompressor(level=1).compress(tie)) == len(tie)
+    assert codec.compress(tie) == Section("raw", 20, tie)
+    noise = np.random.default_rng(0).integers(0, 4, 20_000, dtype=np.uint8)
+    data = (np.arange(20_000) % 251).astype(np.uint8).tobytes() + noise.tobytes()
+    level_1 = zstandard.ZstdCompressor(level=1).compress(data)
+    assert level_1 != zstandard.ZstdCompressor(level=2).compress(data)  # so the level is seen
+    assert codec.compress(data) == Section("zstd", 40_000, level_1)
+
+
 def test_decompress_is_bounded_by_the_declared_length() -> None:
     payload = zstandard.ZstdCompressor().compress(bytes(1000))
     assert codec.decompress("zstd", payload, 1000, where="t") == bytes(1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from golden_v2 import optimizer_state as golden_v2_optimizer
 from golden_v2 import step_state as golden_v2_step
 from safetensors import safe_open
 
-from fishckpt import CheckpointStore, FormatError, OutsideMaskWarning
+from fishckpt import CheckpointStore, FormatError, Mask, OutsideMaskWarning
 from fishckpt.format import container, manifest, maskfile
 from fishckpt.format.codec import Section
 
@@ -158,3 +159,27 @@ def test_the_format_1_writers_still_write_the_golden_files() -> None:
             for (codec, _, raw_length), payload in zip(parsed.header["sections"], payloads, strict=True)
         ]
         assert b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections)) == step_bytes
+
+
+def test_format_2_manifests_and_masks_are_still_written_byte_for_byte_the_same() -> None:
+    """The golden manifest and mask, read and written again, come out the same: their writers have not drifted."""
+    manifest_bytes = (GOLDEN_V2 / "manifest.safetensors").read_bytes()
+    parsed = manifest.parse(manifest_bytes, where="m")
+    assert (parsed.version, parsed.store_id, parsed.k, parsed.numel) == (
+        2,
+        "18120703b80c0431c9de99691350c880",
+        1435,
+        4448,
+    )
+    assert parsed.masked_digest == "72873e4644dc3b0ba494f1b5c4eb1f27" and parsed.created == 1796048748.5688531
+    assert b"".join(parsed.pack()) == manifest_bytes
+    mask_bytes = (GOLDEN_V2 / "mask.safetensors").read_bytes()
+    assert b"".join(Mask.from_file_bytes(mask_bytes, where="m").file_bytes()) == mask_bytes
+
+
+def test_a_format_2_manifest_is_not_written_without_its_store_id_and_masked_digest() -> None:
+    parsed = manifest.parse((GOLDEN_V2 / "manifest.safetensors").read_bytes(), where="m")
+    for field in ("store_id", "masked_digest"):
+        incomplete = dataclasses.replace(parsed, **{field: None})
+        with pytest.raises(ValueError, match="^a v2 manifest needs a store id and the masked digest$"):
+            incomplete.pack()
