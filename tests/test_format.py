@@ -504,3 +504,37 @@ def test_v1_step_headers_are_still_read() -> None:
     for bad in ({"kind": "mask"}, {"values": [[4, 3]]}, {"digests": []}):
         with pytest.raises(FormatError, match="^s: "):
             stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, **bad}, sections)), where="s")
+
+
+def test_v1_training_records_are_still_read() -> None:
+    """fishckpt 0.1 kept each training tensor's words as its own byte planes, named by section number."""
+    header = {
+        "kind": "checkpoint",
+        "step": 7,
+        "created": 1.0,
+        "base_digest": "b",
+        "mask_digest": "m",
+        "k": 1,
+        "values": [[1, 1, 4]],
+        "outside_mask": [],
+        "digests": {},
+        "metadata": {"note": "x"},
+        # The first tensor's planes open the file (section 0 counts); the second names one section past the end.
+        "training": {"tree": {"m": {"$tensor": 0}}, "tensors": [["float32", [1], 0, 4], ["int8", [1], 5, 1]]},
+    }
+    sections = [Section("raw", 1 + i, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes
+    data = b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections))
+    record, file = stepfile.parse(data, where="s")
+    assert record.training is not None and record.training.tree == {"m": {"$tensor": 0}}
+    assert [(t.dtype, t.shape, t.sections) for t in record.training.tensors] == [
+        ("float32", (1,), (0, 1, 2, 3)),
+        ("int8", (1,), (5,)),
+    ]
+    assert record.training.streams == []
+    assert record.training_bytes == 1 + 2 + 3 + 4  # the missing section counts nothing, and fails when read
+    assert record.values[0].sections == (4,) and record.metadata == {"note": "x"}
+    with pytest.raises(FormatError, match="^s: section 5 does not exist"):
+        file.section(record.training.tensors[1].sections[0])
+    no_training = {key: value for key, value in header.items() if key != "training"}
+    record, _ = stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, no_training, sections)), where="s")
+    assert record.training is None and record.training_bytes == 0
