@@ -223,10 +223,10 @@ def test_v1_container_refuses_each_malformed_section_entry(entry: str) -> None:
 
 
 def test_v1_container_says_how_many_bytes_its_sections_cover() -> None:
-    header = json.dumps({"kind": "checkpoint", "sections": [["raw", 2, 2]]}).encode()
+    header = json.dumps({"kind": "checkpoint", "sections": [["raw", 1, 1], ["raw", 2, 2]]}).encode()
     end = 16 + len(header)
-    with pytest.raises(FormatError, match=f"^c: sections cover {end + 2} bytes but the file holds {end + 1}$"):
-        container.parse("c", _v1(header, b"a"), container.CHECKPOINT_MAGIC, what="checkpoint")
+    with pytest.raises(FormatError, match=f"^c: sections cover {end + 3} bytes but the file holds {end + 2}$"):
+        container.parse("c", _v1(header, b"ab"), container.CHECKPOINT_MAGIC, what="checkpoint")
 
 
 def test_v1_sections_are_checked_as_they_are_decoded() -> None:
