@@ -182,6 +182,25 @@ def test_v2_sections_are_checked_as_they_are_decoded() -> None:
         file.section("declared")
 
 
+def test_v2_damage_messages_name_the_file_and_say_what_to_do() -> None:
+    data = _v2_file()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    in_header = data.replace(b'\\"x\\":1', b'\\"x\\":2')  # the record {"x": 1}, still valid JSON
+    assert in_header != data
+    with pytest.raises(IntegrityError) as raised:
+        stfile.read_whole(in_header, kind="step", where="f")
+    assert str(raised.value) == (
+        "f: step file is corrupted or truncated (header checksum mismatch); restore it from a copy, or delete it"
+    )
+    in_data = data[:-1] + bytes([data[-1] ^ 1])
+    assert len(in_data) > header_end
+    with pytest.raises(IntegrityError) as raised:
+        stfile.read_whole(in_data, kind="step", where="f").check_all()
+    assert str(raised.value) == (
+        "f: step file is corrupted: section 'a.p1' does not match its digest; restore it from a copy, or delete it"
+    )
+
+
 def test_v2_section_cut_short_while_reading_is_an_integrity_error() -> None:
     data = _v2_file()
 
