@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
 from fishckpt import FormatError, IntegrityError
-from fishckpt.format import codec, container, safetensors_layout, stepfile, stfile
+from fishckpt.format import codec, container, digests, safetensors_layout, stepfile, stfile
 from fishckpt.format.bits import UINT_BY_WIDTH
 from fishckpt.format.codec import Section
 
@@ -482,6 +482,29 @@ def test_step_record_refuses_malformed_records(change: dict[str, object]) -> Non
         stepfile.parse(_resealed(data, _set_record(change)), where="s")
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [({"step": "7"}, "TypeError(\"expected an integer, got '7'\")"),
+     ({"store_id": 5}, "TypeError('expected a string, got 5')"),
+     ({"metadata": [1]}, "TypeError('metadata must be an object')")],
+    ids=["int", "str", "metadata"],
+)  # fmt: skip
+def test_step_record_errors_say_which_value_is_wrong(change: dict[str, object], why: str) -> None:
+    data = b"".join(stepfile.pack(_content(training=None)))
+    with pytest.raises(FormatError) as raised:
+        stepfile.parse(_resealed(data, _set_record(change)), where="s")
+    assert str(raised.value) == f"s: malformed step record: {why}"
+
+
+def test_step_records_without_training_state_or_read_without_sections() -> None:
+    record, _ = stepfile.parse(b"".join(stepfile.pack(_content(training=None))), where="s")
+    assert record.training is None and record.training_bytes == 0
+    data = b"".join(stepfile.pack(_content()))
+    header_only, _ = stepfile.parse(data, where="s", sections=False)  # what `info` reads: no training tree
+    assert header_only.training is not None and header_only.training.tree is None
+    assert header_only.training.tensors == [] and header_only.training_bytes > 0
+
+
 def test_v1_step_headers_are_still_read() -> None:
     header = {
         "kind": "checkpoint",
@@ -525,6 +548,7 @@ def test_v1_training_records_are_still_read() -> None:
     sections = [Section("raw", 1 + i, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes
     data = b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections))
     record, file = stepfile.parse(data, where="s")
+    assert record.version == 1 and record.stored_bytes == len(data)
     assert record.training is not None and record.training.tree == {"m": {"$tensor": 0}}
     assert [(t.dtype, t.shape, t.sections) for t in record.training.tensors] == [
         ("float32", (1,), (0, 1, 2, 3)),
@@ -538,3 +562,20 @@ def test_v1_training_records_are_still_read() -> None:
     no_training = {key: value for key, value in header.items() if key != "training"}
     record, _ = stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, no_training, sections)), where="s")
     assert record.training is None and record.training_bytes == 0
+
+
+def test_a_damaged_v1_step_file_is_named() -> None:
+    header = {"kind": "checkpoint", "step": 1, "created": 1.0, "base_digest": "b", "mask_digest": "m", "k": 0,
+              "values": [], "outside_mask": [], "digests": {}, "metadata": {}}  # fmt: skip
+    data = bytearray(b"".join(container.pack(container.CHECKPOINT_MAGIC, header, [])))
+    data[20] ^= 1
+    with pytest.raises(IntegrityError, match="^s: checkpoint file is corrupted or truncated"):
+        stepfile.parse(bytes(data), where="s")
+
+
+def test_chunk_ranges_and_sizes() -> None:
+    """An empty tensor has one empty chunk; the last chunk is cut short; an element never spans two chunks."""
+    assert list(digests.chunk_ranges(0, 4)) == [(0, 0)]
+    assert list(digests.chunk_ranges(1, 4)) == [(0, 1)]
+    assert list(digests.chunk_ranges(9, 4)) == [(0, 4), (4, 8), (8, 9)]
+    assert digests.chunk_elements(4, 64) == 16 and digests.chunk_elements(16, 8) == 1
