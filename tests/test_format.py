@@ -545,7 +545,7 @@ def test_v1_training_records_are_still_read() -> None:
         # The first tensor's planes open the file (section 0 counts); the second names one section past the end.
         "training": {"tree": {"m": {"$tensor": 0}}, "tensors": [["float32", [1], 0, 4], ["int8", [1], 5, 1]]},
     }
-    sections = [Section("raw", 1 + i, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes
+    sections = [Section("zstd", 100, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes (never decoded)
     data = b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections))
     record, file = stepfile.parse(data, where="s")
     assert record.version == 1 and record.stored_bytes == len(data)
@@ -568,6 +568,8 @@ def test_a_damaged_v1_step_file_is_named() -> None:
     header = {"kind": "checkpoint", "step": 1, "created": 1.0, "base_digest": "b", "mask_digest": "m", "k": 0,
               "values": [], "outside_mask": [], "digests": {}, "metadata": {}}  # fmt: skip
     data = bytearray(b"".join(container.pack(container.CHECKPOINT_MAGIC, header, [])))
+    with pytest.raises(FormatError, match="^s: not a checkpoint file \\(kind 'mask'\\)$"):
+        stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, "kind": "mask"}, [])), where="s")
     data[20] ^= 1
     with pytest.raises(IntegrityError, match="^s: checkpoint file is corrupted or truncated"):
         stepfile.parse(bytes(data), where="s")
