@@ -33,8 +33,9 @@ def test_from_indices_sorts_and_validates() -> None:
     mask = Mask.from_indices({"w": [5, 1, 3]}, {"w": (2, 3), "v": (4,)})
     assert mask["w"].tolist() == [1, 3, 5]
     assert mask["v"].tolist() == []
-    with pytest.raises(MaskMismatchError, match="'w': duplicate indices"):
-        Mask.from_indices({"w": [1, 1]}, {"w": (4,)})
+    for duplicated in ([1, 1], [3, 0, 3], [2, 0, 1, 2]):
+        with pytest.raises(MaskMismatchError, match="'w': duplicate indices"):
+            Mask.from_indices({"w": duplicated}, {"w": (4,)})
     with pytest.raises(MaskMismatchError, match="'w': index out of range"):
         Mask.from_indices({"w": [4]}, {"w": (4,)})
     with pytest.raises(MaskMismatchError, match="without a shape"):
@@ -170,3 +171,11 @@ def test_from_bool_refuses_complex_and_accepts_zero_one_integers() -> None:
 def test_load_names_a_missing_file(tmp_path) -> None:
     with pytest.raises(MissingFileError, match=f"^{re.escape(str(tmp_path / 'none.fishmask'))}: mask file not found"):
         Mask.load(tmp_path / "none.fishmask")
+
+
+def test_save_replaces_a_mask_file_by_default(tmp_path) -> None:
+    path = tmp_path / "mask.safetensors"
+    Mask.from_indices({"w": [1]}, {"w": (4,)}).save(path)
+    second = Mask.from_indices({"w": [2]}, {"w": (4,)})
+    second.save(path)
+    assert Mask.load(path) == second
