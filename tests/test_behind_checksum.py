@@ -288,6 +288,18 @@ def _alias_first(entries: list[Record]) -> None:
     entries.insert(0, entries.pop())  # head.weight, an alias of layer.weight, now comes before it
 
 
+def _alias_second_and_flags_grown(entries: list[Record]) -> None:
+    """The alias moves up (it has no chunks, so the table is unchanged): the entries after it are still checked."""
+    entries.insert(1, entries.pop())
+    entries[-1]["shape"] = [300]  # flags: 300 one-byte elements need two 256-byte chunks, it has one
+
+
+def _no_alias_and_last_grown(entries: list[Record]) -> None:
+    """The table runs out at the very last entry."""
+    entries.pop()
+    entries[-1]["chunks"] += 1
+
+
 def _chunks_plus(index: int, extra: int) -> Callable[[list[Record]], None]:
     def change(entries: list[Record]) -> None:
         entries[index]["chunks"] += extra
@@ -324,11 +336,14 @@ def test_golden_manifests_parse() -> None:
         (_entries(_alias_first), FormatError, "tensor 'head.weight' is an alias of an unknown or later tensor"),
         (_entries(_set(1, alias_of="layer.weight")), FormatError, "tensor 'layer.bias' is an alias of an unknown or"),
         (_entries(_set(5, shape=[300])), FormatError, "tensor 'flags' has 1 chunk digests, expected 2"),
+        (_entries(_alias_second_and_flags_grown), FormatError, "tensor 'flags' has 1 chunk digests, expected 2"),
+        (_entries(_no_alias_and_last_grown), FormatError, "malformed store manifest: .*too short"),
         (lambda r: r["base"].update(digest="0" * 32), IntegrityError, "store manifest is inconsistent \\(base digest"),
     ],
     ids=["no-chunks", "negative-chunks", "table-short", "table-long", "negative-dim", "name-type", "alias-type",
          "dtype", "no-k", "no-store-id", "no-masked-digest", "chunk-bytes-odd", "chunk-bytes-small", "twice",
-         "alias-unknown", "alias-later", "alias-with-chunks", "chunk-count", "base-digest"],
+         "alias-unknown", "alias-later", "alias-with-chunks", "chunk-count", "after-an-alias", "table-short-at-end",
+         "base-digest"],
 )  # fmt: skip
 def test_v2_manifest_checks_behind_a_valid_checksum(
     change: Callable[[Record], None], error: type[Exception], message: str
@@ -389,7 +404,12 @@ def _v1_tensor(index: int, **fields: object) -> Callable[[Record], None]:
         (
             _forge.reseal_manifest_v1(MANIFEST_V1, lambda b: b.update(format_version=2)),
             FormatError,
-            "store has format_version 2; this file name is format 1's",
+            "store has format_version 2; this file name is format 1's; upgrade fishckpt$",
+        ),
+        (
+            _forge.reseal_manifest_v1(MANIFEST_V1, _v1_tensor(1, dtype="float128")),
+            FormatError,
+            "unknown dtype 'float128'",
         ),
         (
             _forge.reseal_manifest_v1(MANIFEST_V1, _v1_tensor(0, chunks=["zz"] * 2)),
@@ -422,8 +442,8 @@ def _v1_tensor(index: int, **fields: object) -> Callable[[Record], None]:
             "store manifest is inconsistent \\(base digest mismatch\\)",
         ),
     ],
-    ids=["json", "utf8", "list", "checksum", "kind", "version", "chunk-hex", "chunk-type", "no-dtype", "no-created",
-         "twice", "base-digest"],
+    ids=["json", "utf8", "list", "checksum", "kind", "version", "dtype", "chunk-hex", "chunk-type", "no-dtype",
+         "no-created", "twice", "base-digest"],
 )  # fmt: skip
 def test_v1_manifest_checks_behind_a_valid_checksum(data: bytes, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=f"^m: {message}"):
@@ -548,8 +568,12 @@ def test_v2_a_step_whose_content_misses_its_step_digest_is_refused_on_load_and_v
         step.write_bytes(original)
         _v2_step_with(step, **damage)
         store = CheckpointStore.open(store_path)
-        with pytest.raises(IntegrityError, match=f"^{step}: the step's content does not match the digest recorded"):
+        with pytest.raises(IntegrityError) as refused:
             store.load(2)
+        assert str(refused.value) == (
+            f"{step}: the step's content does not match the digest recorded at save; the step file is damaged; "
+            "restore it from a copy or delete this step"
+        )
         with pytest.raises(VerifyError) as failed:
             store.verify()
         assert [(f.file, f.tensor, f.problem) for f in failed.value.failures] == [
@@ -584,6 +608,7 @@ def test_v1_each_tensor_digest_is_checked_on_load_and_verify(tmp_path: Path) -> 
         for name, mode, _count, gaps, first, _sections in header["outside_mask"]
     }
     halves_first = next(first for width, _count, first in header["values"] if width == 2)
+    owners = ["layer.weight", "layer.bias", "halves", "counts", "flags", "scalar"]  # manifest order
 
     def digest_of(name: str, value: str | None) -> Callable[[Record], None]:
         def change(body: Record) -> None:
@@ -603,12 +628,18 @@ def test_v1_each_tensor_digest_is_checked_on_load_and_verify(tmp_path: Path) -> 
         "masked-value": ({"sections": {halves_first: _v1_section_edit(original, halves_first)}}, ["halves"]),
         "recorded-digest": ({"change": digest_of("layer.bias", "0" * 32)}, ["layer.bias"]),
         "missing-digest": ({"change": digest_of("scalar", None)}, ["scalar"]),
+        "every-digest": ({"change": lambda body: body.update(digests={})}, owners),
     }
     for label, (damage, tensors) in damages.items():
         step.write_bytes(_forge.repack_v1(original, container.CHECKPOINT_MAGIC, **damage))
         store = CheckpointStore.open(store_path)
-        with pytest.raises(IntegrityError, match=f"^{step}: the step's content does not match .*tensor '{tensors[0]}'"):
+        with pytest.raises(IntegrityError) as refused:
             store.load(2)
+        named = ", ".join(map(repr, tensors[:5]))  # at most five are named
+        assert str(refused.value) == (
+            f"{step}: the step's content does not match the digest recorded at save (tensor {named}); "
+            "the step file is damaged; restore it from a copy or delete this step"
+        ), label
         with pytest.raises(VerifyError) as failed:
             store.verify()
         assert [(f.file, f.tensor, f.problem) for f in failed.value.failures] == [
@@ -655,3 +686,24 @@ def test_a_store_mask_file_whose_recorded_digest_is_wrong_is_corrupted(tmp_path:
     path.write_bytes(_forge.repack(path.read_bytes(), kind="mask", change=lambda r: r.update(digest="0" * 32)))
     with pytest.raises(IntegrityError, match=f"^{path}: mask file is corrupted: .*does not match its recorded digest"):
         CheckpointStore.open(store_path)
+
+
+# A step whose record is malformed behind its digests ------------------------------------------------------------
+
+
+def test_v2_a_step_malformed_behind_its_digests_is_a_format_error_naming_it(tmp_path: Path) -> None:
+    store_path = _copy(GOLDEN_V2, tmp_path)
+    step = CheckpointStore.open(store_path).step_path(2)
+    original = step.read_bytes()
+
+    def unknown_tensor(record: Record) -> None:
+        record["outside"][0]["tensor"] = "nope"
+
+    short_plane = {"values.w4.p0": codec.compress(bytes(10))}  # the stream holds far more words
+    for damage, message in (
+        ({"change": unknown_tensor}, "changes recorded for unknown tensor 'nope'"),
+        ({"sections": short_plane}, "malformed step: ValueError"),
+    ):
+        step.write_bytes(_forge.repack(original, kind="step", **damage))
+        with pytest.raises(FormatError, match=f"^{re.escape(str(step))}: {message}"):
+            CheckpointStore.open(store_path).load(2)
