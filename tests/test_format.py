@@ -581,3 +581,57 @@ def test_chunk_ranges_and_sizes() -> None:
     assert list(digests.chunk_ranges(1, 4)) == [(0, 1)]
     assert list(digests.chunk_ranges(9, 4)) == [(0, 4), (4, 8), (8, 9)]
     assert digests.chunk_elements(4, 64) == 16 and digests.chunk_elements(16, 8) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            _with_header({}, raw=b"{}" + b" " * 90)[:20],
+            "damaged safetensors header: it declares 92 header bytes in a file of 20",
+        ),
+        (
+            _with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "extra": 1}}, data=b"1234"),
+            "damaged safetensors header at tensor 't': unexpected keys",
+        ),
+        (
+            _with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0.0, 4.0]}}, data=b"1234"),
+            "damaged safetensors header at tensor 't': shape and offsets must be non-negative integers",
+        ),
+        (
+            _with_header(
+                {
+                    "t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                    "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 12]},
+                },
+                data=bytes(12),
+            ),
+            "damaged safetensors header: tensor 'u' has shape [1] of F32 but 8 bytes",
+        ),
+        (
+            _with_header(
+                {
+                    "t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                    "u": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+                },
+                data=bytes(6),
+            ),
+            "damaged safetensors header: tensor 'u' starts at data byte 2, expected 4 (overlap or hole)",
+        ),
+    ],
+    ids=["length-past-the-end", "extra-key", "float-offsets", "size-in-bytes", "overlap-offsets"],
+)
+def test_parse_messages_give_the_numbers(data: bytes, message: str) -> None:
+    with pytest.raises(IntegrityError) as raised:
+        safetensors_layout.parse(data, file_size=len(data), where="damaged.bin")
+    assert str(raised.value) == f"damaged.bin: {message}"
+
+
+def test_header_length_limit_and_a_header_read_short() -> None:
+    limit = safetensors_layout.MAX_HEADER_BYTES
+    assert safetensors_layout.header_length(struct.pack("<Q", limit), file_size=8 + limit, where="f") == limit
+    with pytest.raises(IntegrityError, match=f"^f: damaged safetensors header: it declares {limit + 1} header bytes"):
+        safetensors_layout.header_length(struct.pack("<Q", limit + 1), file_size=9 + limit, where="f")
+    data = _with_header({"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, data=b"x")
+    with pytest.raises(IntegrityError, match="^f: truncated safetensors header$"):
+        safetensors_layout.parse(data[:12], file_size=len(data), where="f")  # fewer bytes given than the header's
