@@ -513,6 +513,24 @@ def test_mask_file_checks_behind_a_valid_checksum(
 
 
 @VERSIONS
+def test_a_mask_of_no_tensors_round_trips(version: int) -> None:
+    empty = Mask.from_indices({}, {})
+    data = _mask_file(version, [], [], digest=empty.digest)
+    if version == 2:
+        assert b"".join(empty.file_bytes()) == data
+    else:
+        assert b"".join(maskfile.encode_v1({}, {}, empty.digest)) == data
+    assert Mask.from_file_bytes(data, where="m") == empty
+
+
+def test_a_damaged_v1_mask_file_is_named() -> None:
+    data = bytearray((GOLDEN_V1 / "mask.fishmask").read_bytes())
+    data[len(data) // 2] ^= 1
+    with pytest.raises(IntegrityError, match="^m: mask file is corrupted or truncated"):
+        maskfile.decode(bytes(data), where="m")
+
+
+@VERSIONS
 def test_a_mask_file_whose_content_misses_its_recorded_digest_is_refused(version: int) -> None:
     mask = Mask.from_indices({"w": [1, 3]}, {"w": (4,)})
     other = Mask.from_indices({"w": [1, 2]}, {"w": (4,)})
