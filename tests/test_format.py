@@ -548,7 +548,7 @@ def test_v1_training_records_are_still_read() -> None:
     sections = [Section("zstd", 100, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes (never decoded)
     data = b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections))
     record, file = stepfile.parse(data, where="s")
-    assert record.version == 1 and record.stored_bytes == len(data)
+    assert (record.version, record.step, record.k, record.stored_bytes) == (1, 7, 1, len(data))
     assert record.training is not None and record.training.tree == {"m": {"$tensor": 0}}
     assert [(t.dtype, t.shape, t.sections) for t in record.training.tensors] == [
         ("float32", (1,), (0, 1, 2, 3)),
@@ -570,6 +570,9 @@ def test_a_damaged_v1_step_file_is_named() -> None:
     data = bytearray(b"".join(container.pack(container.CHECKPOINT_MAGIC, header, [])))
     with pytest.raises(FormatError, match="^s: not a checkpoint file \\(kind 'mask'\\)$"):
         stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, "kind": "mask"}, [])), where="s")
+    with pytest.raises(FormatError) as raised:
+        stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, "digests": []}, [])), where="s")
+    assert str(raised.value) == "s: malformed checkpoint header: TypeError('metadata and digests must be objects')"
     data[20] ^= 1
     with pytest.raises(IntegrityError, match="^s: checkpoint file is corrupted or truncated"):
         stepfile.parse(bytes(data), where="s")
