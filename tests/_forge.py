@@ -10,7 +10,7 @@ from typing import Any
 
 import xxhash
 
-from fishckpt.format import safetensors_layout, stfile
+from fishckpt.format import codec, container, digests, safetensors_layout, stfile
 
 Header = dict[str, Any]
 
@@ -57,7 +57,64 @@ def reseal_file(path: Path, edit: Callable[[Header], None]) -> None:
 
 
 def record_of(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    layout = safetensors_layout.parse(data, file_size=len(data), where=str(path))
+    return record_of_bytes(path.read_bytes())
+
+
+def record_of_bytes(data: bytes) -> dict[str, Any]:
+    layout = safetensors_layout.parse(data, file_size=len(data), where="forge")
     result: dict[str, Any] = json.loads(layout.metadata[stfile.RECORD_KEY])
     return result
+
+
+def repack(
+    data: bytes,
+    *,
+    kind: str,
+    sections: dict[str, codec.Section] | None = None,
+    change: Callable[[dict[str, Any]], None] | None = None,
+) -> bytes:
+    """A v2 file rewritten by fishckpt's own writer, some sections replaced and its record changed.
+
+    Sections may change length and codec: the layout, every digest and the checksum are all made
+    anew, so only the checks of what the content means can object.
+    """
+    file = stfile.read_whole(data, kind=kind, where="forge")
+    record = {key: value for key, value in file.record.items() if key != "tensors"}
+    if change is not None:
+        change(record)
+    replaced = sections or {}
+    pieces = []
+    for name in file.names():
+        info = file.record["tensors"][name]
+        pieces.append((name, replaced.get(name, codec.Section(info["codec"], info["raw_bytes"], file.payload(name)))))
+    return b"".join(stfile.pack(kind, record, pieces))
+
+
+def repack_v1(
+    data: bytes,
+    magic: bytes,
+    *,
+    sections: dict[int, codec.Section] | None = None,
+    change: Callable[[dict[str, Any]], None] | None = None,
+) -> bytes:
+    """A format 1 container rewritten by the v1 writer, some sections replaced and its header changed; valid trailer."""
+    parsed = container.parse("forge", data, magic, what="forge")
+    header = {key: value for key, value in parsed.header.items() if key != "sections"}
+    if change is not None:
+        change(header)
+    replaced = sections or {}
+    pieces = []
+    offset = 16 + struct.unpack_from("<I", data, 12)[0]  # after the magic, version, length and the JSON header
+    for number, (codec_name, stored, raw_length) in enumerate(parsed.header["sections"]):
+        payload = data[offset : offset + stored]
+        offset += stored
+        pieces.append(replaced.get(number, codec.Section(codec_name, raw_length, payload)))
+    return b"".join(container.pack(magic, header, pieces))
+
+
+def reseal_manifest_v1(text: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """A format 1 manifest (``fishckpt.json``) changed by ``change`` and given a valid checksum again."""
+    body = json.loads(text)
+    change(body)
+    body["checksum"] = digests.json_checksum(body)
+    return json.dumps(body, indent=1).encode()

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from safetensors import safe_open
 
 from fishckpt import FormatError, IntegrityError
-from fishckpt.format import codec, container, safetensors_layout, stepfile, stfile
+from fishckpt.format import codec, container, digests, safetensors_layout, stepfile, stfile
 from fishckpt.format.bits import UINT_BY_WIDTH
 from fishckpt.format.codec import Section
 
@@ -44,6 +44,18 @@ def test_delta_round_trips_any_bit_patterns(pair: tuple[np.ndarray, np.ndarray])
         decoded = codec.decode_delta(planes, base, permutation)
         assert decoded.dtype == new.dtype
         assert np.array_equal(decoded, new)
+
+
+@PROPERTY
+@given(st.sampled_from(WIDTHS).flatmap(_words))
+def test_words_round_trip_as_byte_planes(words: np.ndarray) -> None:
+    sections = codec.encode_words(words)
+    assert len(sections) == words.dtype.itemsize
+    planes = [codec.decompress(s.codec, s.payload, s.raw_length, where="t") for s in sections]
+    by_byte = words.view(np.uint8).reshape(-1, words.dtype.itemsize)
+    assert planes == [by_byte[:, plane].tobytes() for plane in range(words.dtype.itemsize)]
+    decoded = codec.decode_words(planes, words.size, words.dtype.itemsize)
+    assert decoded.dtype == words.dtype and np.array_equal(decoded, words)
 
 
 @PROPERTY
@@ -94,6 +106,18 @@ def test_compress_keeps_incompressible_data_raw() -> None:
     noise = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     assert codec.compress(noise).codec == "raw"
     assert codec.compress(bytes(4096)).codec == "zstd"
+
+
+def test_compress_is_zstd_level_1_kept_only_when_smaller() -> None:
+    """format.md: each section is zstd level 1, or raw when zstd does not make it smaller (a tie stays raw)."""
+    tie = bytes(17) + bytes.fromhex("f3ad7f")
+    assert len(zstandard.ZstdCompressor(level=1).compress(tie)) == len(tie)
+    assert codec.compress(tie) == Section("raw", 20, tie)
+    noise = np.random.default_rng(0).integers(0, 4, 20_000, dtype=np.uint8)
+    data = (np.arange(20_000) % 251).astype(np.uint8).tobytes() + noise.tobytes()
+    level_1 = zstandard.ZstdCompressor(level=1).compress(data)
+    assert level_1 != zstandard.ZstdCompressor(level=2).compress(data)  # so the level is seen
+    assert codec.compress(data) == Section("zstd", 40_000, level_1)
 
 
 def test_decompress_is_bounded_by_the_declared_length() -> None:
@@ -393,6 +417,12 @@ def test_v2_section_checks_behind_a_valid_checksum() -> None:
         stfile.read_whole(data, kind="step", where="f").section("nope")
 
 
+def test_v2_pack_refuses_two_sections_of_one_name() -> None:
+    twice = [("a", Section("raw", 0, b"")), ("a", Section("raw", 1, b"x"))]
+    with pytest.raises(ValueError, match="^section names must be unique$"):
+        stfile.pack("step", {}, twice)
+
+
 def test_a_plain_safetensors_file_is_not_taken_for_a_fishckpt_file() -> None:
     plain = safetensors_layout.header([("w", "U8", [2], 2)], {"format": "pt"}) + b"ab"
     with pytest.raises(FormatError, match="not a fishckpt step file"):
@@ -452,6 +482,29 @@ def test_step_record_refuses_malformed_records(change: dict[str, object]) -> Non
         stepfile.parse(_resealed(data, _set_record(change)), where="s")
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [({"step": "7"}, "TypeError(\"expected an integer, got '7'\")"),
+     ({"store_id": 5}, "TypeError('expected a string, got 5')"),
+     ({"metadata": [1]}, "TypeError('metadata must be an object')")],
+    ids=["int", "str", "metadata"],
+)  # fmt: skip
+def test_step_record_errors_say_which_value_is_wrong(change: dict[str, object], why: str) -> None:
+    data = b"".join(stepfile.pack(_content(training=None)))
+    with pytest.raises(FormatError) as raised:
+        stepfile.parse(_resealed(data, _set_record(change)), where="s")
+    assert str(raised.value) == f"s: malformed step record: {why}"
+
+
+def test_step_records_without_training_state_or_read_without_sections() -> None:
+    record, _ = stepfile.parse(b"".join(stepfile.pack(_content(training=None))), where="s")
+    assert record.training is None and record.training_bytes == 0
+    data = b"".join(stepfile.pack(_content()))
+    header_only, _ = stepfile.parse(data, where="s", sections=False)  # what `info` reads: no training tree
+    assert header_only.training is not None and header_only.training.tree is None
+    assert header_only.training.tensors == [] and header_only.training_bytes > 0
+
+
 def test_v1_step_headers_are_still_read() -> None:
     header = {
         "kind": "checkpoint",
@@ -474,3 +527,114 @@ def test_v1_step_headers_are_still_read() -> None:
     for bad in ({"kind": "mask"}, {"values": [[4, 3]]}, {"digests": []}):
         with pytest.raises(FormatError, match="^s: "):
             stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, **bad}, sections)), where="s")
+
+
+def test_v1_training_records_are_still_read() -> None:
+    """fishckpt 0.1 kept each training tensor's words as its own byte planes, named by section number."""
+    header = {
+        "kind": "checkpoint",
+        "step": 7,
+        "created": 1.0,
+        "base_digest": "b",
+        "mask_digest": "m",
+        "k": 1,
+        "values": [[1, 1, 4]],
+        "outside_mask": [],
+        "digests": {},
+        "metadata": {"note": "x"},
+        # The first tensor's planes open the file (section 0 counts); the second names one section past the end.
+        "training": {"tree": {"m": {"$tensor": 0}}, "tensors": [["float32", [1], 0, 4], ["int8", [1], 5, 1]]},
+    }
+    sections = [Section("zstd", 100, bytes(1 + i)) for i in range(5)]  # 1, 2, ... 5 stored bytes (never decoded)
+    data = b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections))
+    record, file = stepfile.parse(data, where="s")
+    assert (record.version, record.step, record.k, record.stored_bytes) == (1, 7, 1, len(data))
+    assert record.training is not None and record.training.tree == {"m": {"$tensor": 0}}
+    assert [(t.dtype, t.shape, t.sections) for t in record.training.tensors] == [
+        ("float32", (1,), (0, 1, 2, 3)),
+        ("int8", (1,), (5,)),
+    ]
+    assert record.training.streams == []
+    assert record.training_bytes == 1 + 2 + 3 + 4  # the missing section counts nothing, and fails when read
+    assert record.values[0].sections == (4,) and record.metadata == {"note": "x"}
+    with pytest.raises(FormatError, match="^s: section 5 does not exist"):
+        file.section(record.training.tensors[1].sections[0])
+    no_training = {key: value for key, value in header.items() if key != "training"}
+    record, _ = stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, no_training, sections)), where="s")
+    assert record.training is None and record.training_bytes == 0
+
+
+def test_a_damaged_v1_step_file_is_named() -> None:
+    header = {"kind": "checkpoint", "step": 1, "created": 1.0, "base_digest": "b", "mask_digest": "m", "k": 0,
+              "values": [], "outside_mask": [], "digests": {}, "metadata": {}}  # fmt: skip
+    data = bytearray(b"".join(container.pack(container.CHECKPOINT_MAGIC, header, [])))
+    with pytest.raises(FormatError, match="^s: not a checkpoint file \\(kind 'mask'\\)$"):
+        stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, "kind": "mask"}, [])), where="s")
+    with pytest.raises(FormatError) as raised:
+        stepfile.parse(b"".join(container.pack(container.CHECKPOINT_MAGIC, {**header, "digests": []}, [])), where="s")
+    assert str(raised.value) == "s: malformed checkpoint header: TypeError('metadata and digests must be objects')"
+    data[20] ^= 1
+    with pytest.raises(IntegrityError, match="^s: checkpoint file is corrupted or truncated"):
+        stepfile.parse(bytes(data), where="s")
+
+
+def test_chunk_ranges_and_sizes() -> None:
+    """An empty tensor has one empty chunk; the last chunk is cut short; an element never spans two chunks."""
+    assert list(digests.chunk_ranges(0, 4)) == [(0, 0)]
+    assert list(digests.chunk_ranges(1, 4)) == [(0, 1)]
+    assert list(digests.chunk_ranges(9, 4)) == [(0, 4), (4, 8), (8, 9)]
+    assert digests.chunk_elements(4, 64) == 16 and digests.chunk_elements(16, 8) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            _with_header({}, raw=b"{}" + b" " * 90)[:20],
+            "damaged safetensors header: it declares 92 header bytes in a file of 20",
+        ),
+        (
+            _with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4], "extra": 1}}, data=b"1234"),
+            "damaged safetensors header at tensor 't': unexpected keys",
+        ),
+        (
+            _with_header({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0.0, 4.0]}}, data=b"1234"),
+            "damaged safetensors header at tensor 't': shape and offsets must be non-negative integers",
+        ),
+        (
+            _with_header(
+                {
+                    "t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                    "u": {"dtype": "F32", "shape": [1], "data_offsets": [4, 12]},
+                },
+                data=bytes(12),
+            ),
+            "damaged safetensors header: tensor 'u' has shape [1] of F32 but 8 bytes",
+        ),
+        (
+            _with_header(
+                {
+                    "t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+                    "u": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+                },
+                data=bytes(6),
+            ),
+            "damaged safetensors header: tensor 'u' starts at data byte 2, expected 4 (overlap or hole)",
+        ),
+    ],
+    ids=["length-past-the-end", "extra-key", "float-offsets", "size-in-bytes", "overlap-offsets"],
+)
+def test_parse_messages_give_the_numbers(data: bytes, message: str) -> None:
+    with pytest.raises(IntegrityError) as raised:
+        safetensors_layout.parse(data, file_size=len(data), where="damaged.bin")
+    assert str(raised.value) == f"damaged.bin: {message}"
+
+
+def test_header_length_limit_and_a_header_read_short() -> None:
+    limit = safetensors_layout.MAX_HEADER_BYTES
+    assert safetensors_layout.header_length(struct.pack("<Q", limit), file_size=8 + limit, where="f") == limit
+    with pytest.raises(IntegrityError, match=f"^f: damaged safetensors header: it declares {limit + 1} header bytes"):
+        safetensors_layout.header_length(struct.pack("<Q", limit + 1), file_size=9 + limit, where="f")
+    data = _with_header({"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, data=b"x")
+    with pytest.raises(IntegrityError, match="^f: truncated safetensors header$"):
+        safetensors_layout.parse(data[:12], file_size=len(data), where="f")  # fewer bytes given than the header's

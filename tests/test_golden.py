@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -15,7 +16,9 @@ from golden_v2 import optimizer_state as golden_v2_optimizer
 from golden_v2 import step_state as golden_v2_step
 from safetensors import safe_open
 
-from fishckpt import CheckpointStore, FormatError, OutsideMaskWarning
+from fishckpt import CheckpointStore, FormatError, Mask, OutsideMaskWarning
+from fishckpt.format import container, manifest, maskfile
+from fishckpt.format.codec import Section
 
 GOLDEN = Path(__file__).parent / "data" / "store_v1"
 
@@ -133,3 +136,50 @@ def test_format_2_is_still_written_byte_for_byte_the_same(golden_v2: CheckpointS
             assert names == sorted(now.keys())
             for name in names:
                 assert torch.equal(before.get_tensor(name), now.get_tensor(name)), name
+
+
+def test_the_format_1_writers_still_write_the_golden_files() -> None:
+    """The format 1 writers are kept to make fixtures of old stores, so they must still write fishckpt 0.1's bytes."""
+    manifest_bytes = (GOLDEN / "fishckpt.json").read_bytes()
+    assert manifest.to_json_v1(manifest.parse_v1(manifest_bytes, where="m")) == manifest_bytes
+    mask_bytes = (GOLDEN / "mask.fishmask").read_bytes()
+    indices, shapes, digest = maskfile.decode(mask_bytes, where="m")
+    assert b"".join(maskfile.encode_v1(indices, shapes, digest)) == mask_bytes
+    for step in (1, 2):
+        step_bytes = (GOLDEN / "steps" / f"step-{step:012d}.fishckpt").read_bytes()
+        parsed = container.parse("s", step_bytes, container.CHECKPOINT_MAGIC, what="checkpoint")
+        header = {key: value for key, value in parsed.header.items() if key != "sections"}
+        offset = len(step_bytes) - 16 - sum(parsed.stored_lengths)
+        payloads = []
+        for length in parsed.stored_lengths:
+            payloads.append(step_bytes[offset : offset + length])
+            offset += length
+        sections = [
+            Section(codec, raw_length, payload)
+            for (codec, _, raw_length), payload in zip(parsed.header["sections"], payloads, strict=True)
+        ]
+        assert b"".join(container.pack(container.CHECKPOINT_MAGIC, header, sections)) == step_bytes
+
+
+def test_format_2_manifests_and_masks_are_still_written_byte_for_byte_the_same() -> None:
+    """The golden manifest and mask, read and written again, come out the same: their writers have not drifted."""
+    manifest_bytes = (GOLDEN_V2 / "manifest.safetensors").read_bytes()
+    parsed = manifest.parse(manifest_bytes, where="m")
+    assert (parsed.version, parsed.store_id, parsed.k, parsed.numel) == (
+        2,
+        "18120703b80c0431c9de99691350c880",
+        1435,
+        4448,
+    )
+    assert parsed.masked_digest == "72873e4644dc3b0ba494f1b5c4eb1f27" and parsed.created == 1796048748.5688531
+    assert b"".join(parsed.pack()) == manifest_bytes
+    mask_bytes = (GOLDEN_V2 / "mask.safetensors").read_bytes()
+    assert b"".join(Mask.from_file_bytes(mask_bytes, where="m").file_bytes()) == mask_bytes
+
+
+def test_a_format_2_manifest_is_not_written_without_its_store_id_and_masked_digest() -> None:
+    parsed = manifest.parse((GOLDEN_V2 / "manifest.safetensors").read_bytes(), where="m")
+    for field in ("store_id", "masked_digest"):
+        incomplete = dataclasses.replace(parsed, **{field: None})
+        with pytest.raises(ValueError, match="^a v2 manifest needs a store id and the masked digest$"):
+            incomplete.pack()

@@ -255,3 +255,62 @@ def test_no_head_warning_when_the_head_is_covered_or_absent() -> None:
         fish_mask(scores, k=4, exclude=["classifier.*"])  # frozen on purpose
         fish_mask(others, k=3)  # heads only at the top level; "fc1" and "scores" are other names
         random_mask(scores, 0.8, seed=0, always_trainable="classifier.*")
+
+
+def test_random_mask_is_the_same_in_every_version() -> None:
+    """A seed names one mask forever: runs are reproduced from a seed, across fishckpt versions.
+
+    The expected masks were recorded from this version (fishckpt 0.2.0: torch's CPU generator seeded with
+    ``seed``, one float64 key per entry, drawn tensor by tensor, the largest keys win) and must never change.
+    A change to how the keys are drawn (their dtype, their order, the generator) fails here.
+    """
+    state = {"a": torch.zeros(3, 4), "b": torch.zeros(10)}
+    mask = random_mask(state, 0.25, seed=7)
+    assert {name: mask[name].tolist() for name in mask} == {"a": [2, 4], "b": [5, 7, 8, 9]}
+    # The head counts toward the budget, and seeds beyond 32 bits are used whole.
+    mask = random_mask(state, 0.5, seed=2**40 + 3, always_trainable=["b"])
+    assert {name: mask[name].tolist() for name in mask} == {"a": [9], "b": list(range(10))}
+    large = random_mask({"w": torch.zeros(100, 100), "v": torch.zeros(5000, dtype=torch.float64)}, 0.01, seed=0)
+    assert (large.k, large["w"][:5].tolist(), large["v"][:5].tolist()) == (
+        150,
+        [48, 63, 265, 330, 389],
+        [94, 115, 123, 411, 459],
+    )
+    assert large.digest == "a51e168dfd7a81aec5eb6b673f77364a"
+
+
+def test_selection_messages_name_the_option_and_the_numbers() -> None:
+    scores = {"a": torch.arange(4.0), "b": torch.zeros(3), "c": torch.zeros(2), "d": torch.zeros(2)}
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"^always_trainable pattern 'x' matches no tensor; names look like \['a', 'b', 'c'\]$",
+    ):
+        fish_mask(scores, k=1, always_trainable=["x"])
+    with pytest.raises(InvalidArgumentError, match="^exclude pattern 'x' matches no tensor"):
+        fish_mask(scores, k=1, exclude=["x"])
+    with pytest.raises(InvalidArgumentError, match=r"k=11 is more than the 9 entries .* \(11 in all, 2 excluded\)$"):
+        fish_mask(scores, k=11, always_trainable=["b"], exclude=["c"])
+    with pytest.raises(InvalidArgumentError, match="^k must be an int, not float$"):
+        fish_mask(scores, k=2.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="^expected an nn.Module or a state dict of tensors, not int$"):
+        random_mask(42, 0.5, seed=0)  # type: ignore[arg-type]
+
+
+def test_keep_ratio_takes_both_ends() -> None:
+    scores = {"a": torch.arange(4.0), "b": torch.ones(2)}
+    assert fish_mask(scores, keep_ratio=0.0).k == 0
+    assert fish_mask(scores, keep_ratio=1.0).k == 6
+
+
+def test_scores_of_several_dtypes_are_compared_in_the_widest() -> None:
+    """1 + 1e-6 in float64 beats 1.0 in float16; in float16 both would be 1.0 and the earlier tensor would win."""
+    scores = {"a": torch.tensor([1.0], dtype=torch.float16), "b": torch.tensor([1.0 + 1e-6], dtype=torch.float64)}
+    mask = fish_mask(scores, k=1)
+    assert mask["a"].tolist() == [] and mask["b"].tolist() == [0]
+
+
+def test_diff_mask_counts_changes_in_every_tensor() -> None:
+    base = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    tuned = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.zeros(2)}  # only the first tensor moved
+    mask = diff_mask(base, tuned, k=3)
+    assert mask["a"].tolist() == [0, 1, 2] and mask["b"].tolist() == []

@@ -109,7 +109,14 @@ def decode(data: bytes, *, where: str) -> tuple[Indices, Shapes, str]:
         raise FormatError(f"{where}: mask header declares more entries than its tensors hold")
     if any(any(s < 0 for s in shape) for _, shape, _ in table):
         raise FormatError(f"{where}: a tensor has a negative dimension")
-    flat = codec.decode_positions([plane(i) for i in range(width)], total, width)
+    planes = [plane(i) for i in range(width)]
+    if any(len(plane_bytes) != total for plane_bytes in planes):
+        # A byte per declared entry in every plane; fewer would fail inside numpy, more would be ignored.
+        raise FormatError(
+            f"{where}: mask position planes hold {sorted({len(plane_bytes) for plane_bytes in planes})} bytes, "
+            f"but the header declares {total} entries"
+        )
+    flat = codec.decode_positions(planes, total, width)
     indices: Indices = {}
     shapes: Shapes = {}
     start, offset = 0, 0
