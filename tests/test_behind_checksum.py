@@ -722,9 +722,12 @@ def test_v2_a_step_malformed_behind_its_digests_is_a_format_error_naming_it(tmp_
         record["outside"][0]["tensor"] = "nope"
 
     short_plane = {"values.w4.p0": codec.compress(bytes(10))}  # the stream holds far more words
+    file = stfile.read_whole(original, kind="step", where="golden")
+    long_plane = {"values.w4.p0": codec.compress(file.section("values.w4.p0") + b"\x00")}  # one byte too many
     for damage, message in (
         ({"change": unknown_tensor}, "changes recorded for unknown tensor 'nope'"),
         ({"sections": short_plane}, "malformed step: ValueError"),
+        ({"sections": long_plane}, r"malformed step: ValueError\('byte plane 0 holds \d+ bytes for \d+ words'\)"),
     ):
         step.write_bytes(_forge.repack(original, kind="step", **damage))
         with pytest.raises(FormatError, match=f"^{re.escape(str(step))}: {message}"):

@@ -98,8 +98,13 @@ def _planes(words: Words) -> list[Section]:
 
 
 def _unplanes(planes: list[bytes], count: int, width: int) -> Words:
+    # ValueError: the callers name the file (stepcodec.decode and decode_training wrap it as a FormatError).
+    if len(planes) != width:
+        raise ValueError(f"{len(planes)} byte planes for words of {width} bytes")
     out = np.empty((count, width), dtype=np.uint8)
     for plane, data in enumerate(planes):
+        if len(data) != count:  # exactly one byte per word: a longer plane is as malformed as a short one
+            raise ValueError(f"byte plane {plane} holds {len(data)} bytes for {count} words")
         out[:, plane] = np.frombuffer(data, dtype=np.uint8, count=count)
     return out.reshape(-1).view(UINT_BY_WIDTH[width])
 
