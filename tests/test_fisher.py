@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import io
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
 from conftest import assert_bits_equal
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, TensorDataset
 
-from fishckpt import InvalidArgumentError, fisher_scores
+from fishckpt import InvalidArgumentError, UnshuffledDataWarning, fisher_scores
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -288,13 +292,61 @@ def test_auto_falls_back_to_loop_once_with_a_warning() -> None:
         fisher_scores(model, batches, method="vmap", progress=False)
 
 
-def test_progress_bar_goes_to_stderr_and_can_be_switched_off(capsys: pytest.CaptureFixture[str]) -> None:
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_stderr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, batches = _mlp(), _batches()
-    fisher_scores(model, batches, num_samples=12, progress=True)
-    captured = capsys.readouterr()
-    assert captured.out == "" and "fisher scores" in captured.err
-    fisher_scores(model, batches, num_samples=12, progress=False)
+    fisher_scores(model, batches, num_samples=12, progress=True)  # captured stderr is no terminal
     assert capsys.readouterr() == ("", "")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fisher_scores(model, batches, num_samples=12, progress=True)
+    assert "fisher scores" in terminal.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    fisher_scores(model, batches, num_samples=12, progress=False)
+    assert quiet.getvalue() == ""
+    assert capsys.readouterr() == ("", "")
+
+
+def _dataset(size: int = 18) -> TensorDataset:
+    generator = torch.Generator().manual_seed(3)
+    return TensorDataset(torch.randn(size, 5, generator=generator), torch.randint(0, 3, (size,), generator=generator))
+
+
+def test_warns_when_an_ordered_dataloader_is_cut_short() -> None:
+    model, dataset = _mlp(), _dataset(18)
+    with pytest.warns(UnshuffledDataWarning, match=r"first 12 of the 18 examples.*shuffle=True"):
+        ordered = fisher_scores(model, DataLoader(dataset, batch_size=6), num_samples=12, progress=False)
+    # The scores are still those of the first 12 examples: the warning changes nothing else.
+    _assert_close(ordered, _hand_empirical(model, [dataset[i] for i in range(12)]))
+    batched = DataLoader(dataset, batch_sampler=BatchSampler(SequentialSampler(dataset), 4, drop_last=False))
+    with pytest.warns(UnshuffledDataWarning):
+        fisher_scores(model, batched, num_samples=8, progress=False)
+
+
+def test_no_shuffling_warning_where_order_cannot_matter_or_is_unknown() -> None:
+    model, dataset = _mlp(), _dataset(18)
+    shuffled = DataLoader(dataset, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    class Stream(IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return iter(dataset[i] for i in range(len(dataset)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fisher_scores(model, shuffled, num_samples=12, progress=False)
+        fisher_scores(model, DataLoader(dataset, batch_size=6), num_samples=18, progress=False)  # every example
+        fisher_scores(model, DataLoader(dataset, batch_size=6), num_samples=100, progress=False)
+        fisher_scores(model, DataLoader(Stream(), batch_size=6), num_samples=12, progress=False)
+        fisher_scores(model, _batches(), num_samples=12, progress=False)  # a list: its order is the caller's
 
 
 def test_accumulates_in_fp32_for_other_dtypes() -> None:

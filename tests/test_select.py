@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from fractions import Fraction
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from fishckpt import (
+    HeadNotTrainableWarning,
     InvalidArgumentError,
     Mask,
     StateMismatchError,
@@ -217,3 +219,39 @@ def test_diff_mask_never_selects_unchanged_bits() -> None:
         diff_mask(base, {"v": torch.zeros(5)}, k=1)
     with pytest.raises(StateMismatchError, match="'w' is torch.float64"):
         diff_mask(base, {"w": torch.zeros(5, dtype=torch.float64)}, k=1)
+
+
+def _with_head(head: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return {
+        "body.weight": torch.rand(4, 4, generator=generator),
+        f"{head}.weight": torch.rand(3, 4, generator=generator),
+        f"{head}.bias": torch.rand(3, generator=generator),
+    }
+
+
+@pytest.mark.parametrize("head", ["classifier", "fc", "lm_head", "score"])
+def test_warns_when_an_obvious_head_is_left_to_compete_for_k(head: str) -> None:
+    scores = _with_head(head)
+    with pytest.warns(HeadNotTrainableWarning, match=rf"fish_mask: '{head}.weight', '{head}.bias' look like") as caught:
+        fish_mask(scores, k=16)
+    assert f"always_trainable=['{head}.*']" in str(caught[0].message)
+    # The warning's frame is the caller's, so the message points at the user's line.
+    assert caught[0].filename == __file__
+    with pytest.warns(HeadNotTrainableWarning, match=rf"fish_mask: '{head}.bias' look like"):
+        fish_mask(scores, k=16, always_trainable=[f"{head}.weight"])  # half a head is still left out
+    with pytest.warns(HeadNotTrainableWarning, match="random_mask"):
+        random_mask(scores, 0.5, seed=0)
+
+
+def test_no_head_warning_when_the_head_is_covered_or_absent() -> None:
+    scores = _with_head("classifier")
+    generator = torch.Generator().manual_seed(6)
+    others = {name: torch.rand(2, 3, generator=generator) for name in ("encoder.fc.weight", "fc1.weight", "scores.w")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mask = fish_mask(scores, k=16, always_trainable=(name for name in ["classifier.*"]))  # a generator, read twice
+        assert mask.counts()["classifier.weight"] == 12 and mask.counts()["classifier.bias"] == 3
+        fish_mask(scores, k=4, exclude=["classifier.*"])  # frozen on purpose
+        fish_mask(others, k=3)  # heads only at the top level; "fc1" and "scores" are other names
+        random_mask(scores, 0.8, seed=0, always_trainable="classifier.*")

@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from tqdm.auto import tqdm
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnshuffledDataWarning
 
 __all__ = ["fisher_scores"]
 
@@ -50,6 +51,12 @@ def fisher_scores(
     output's logits (the output itself, ``.logits`` or ``["logits"]``) against the labels
     (``batch[1]`` or ``batch["labels"]``; label -100 is ignored), else the output's ``.loss``.
 
+    Shuffle the data. Only the first ``num_samples`` examples are used, in the order ``data``
+    gives them, so a data set sorted by label or source scores only its first part. A torch
+    ``DataLoader`` whose sampler is sequential (``shuffle=False``) over a data set with more
+    than ``num_samples`` examples raises an :class:`UnshuffledDataWarning`; other iterables
+    cannot be checked.
+
     Args:
         model: The model; only parameters with ``requires_grad`` are scored.
         data: Any iterable of batches. Iteration stops after ``num_samples`` examples, cutting
@@ -66,7 +73,8 @@ def fisher_scores(
         chunk_size: Examples whose gradients are held at once by the vmap path. Peak extra memory
             is about ``2 x chunk_size x 4 bytes x parameters`` (times the class count in
             ``"expected"`` mode).
-        progress: Show a tqdm progress bar on stderr.
+        progress: Show a tqdm progress bar on stderr when stderr is a terminal (or in a Jupyter
+            notebook); never in logs, pipes or captured output.
 
     Returns:
         ``{name: fp32 tensor shaped like the parameter}`` for every trainable parameter, in
@@ -74,6 +82,10 @@ def fisher_scores(
 
     Raises:
         InvalidArgumentError: A bad option, no examples, or batches from which no loss can be derived.
+
+    Warns:
+        UnshuffledDataWarning: ``data`` is a ``DataLoader`` with a sequential sampler that holds
+            more than ``num_samples`` examples.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -96,6 +108,7 @@ def fisher_scores(
             "or use mode='empirical'"
         )
 
+    _warn_if_ordered(data, num_samples)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise InvalidArgumentError("the model has no parameters with requires_grad=True to score")
@@ -104,10 +117,13 @@ def fisher_scores(
 
     seen = 0
     use_vmap = method != "loop"
+    # disable=None: tqdm shows the bar only when its stream (stderr) is a terminal, and in
+    # notebooks; a library's bar would otherwise fill every log and captured output.
+    bar_disabled = None if progress else True
     with (
         _PreservedModelState(model),
         torch.enable_grad(),
-        tqdm(total=num_samples, disable=not progress, unit="ex", desc="fisher scores", leave=False) as bar,
+        tqdm(total=num_samples, disable=bar_disabled, unit="ex", desc="fisher scores", leave=False) as bar,
     ):
         model.eval()
         # Detached leaves: gradients flow to these, so the model's own .grad and any hooks
@@ -150,6 +166,35 @@ def fisher_scores(
     for score in scores.values():
         score.div_(seen)
     return scores
+
+
+def _warn_if_ordered(data: Iterable[Any], num_samples: int) -> None:
+    """Warns when ``data`` is a DataLoader that will hand over the first examples of its data set, in order.
+
+    Only what can be known without false alarms: a map-style data set read by a
+    ``SequentialSampler`` (``shuffle=False``) that holds more examples than will be used. When
+    every example is used their order does not matter (the score is a mean), and iterable data
+    sets, lists of batches and custom samplers may well be shuffled already.
+    """
+    if not isinstance(data, DataLoader):
+        return
+    batch_sampler = data.batch_sampler
+    sampler = batch_sampler.sampler if isinstance(batch_sampler, BatchSampler) else data.sampler
+    if not isinstance(sampler, SequentialSampler):
+        return
+    try:
+        size = len(data.dataset)  # type: ignore[arg-type]  # map-style data sets have a length
+    except TypeError:
+        return
+    if size > num_samples:
+        warnings.warn(
+            f"fisher_scores uses the first {num_samples} of the {size} examples, and this DataLoader gives "
+            "them in data-set order (its sampler is sequential); if the data set is sorted (by label, "
+            "source or length) the scores describe only that first part. Pass a DataLoader with "
+            "shuffle=True (and a seeded generator for reproducible masks).",
+            UnshuffledDataWarning,
+            stacklevel=3,
+        )
 
 
 class _Objective:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -15,10 +15,9 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import InvalidArgumentError, MaskLeakWarning, MaskMismatchError
 from ..mask import Mask
+from .params import NamedParams, check_mask_fits, trainable_named_params
 
 __all__ = ["GradientMask", "SparseAdamW", "mask_gradients"]
-
-NamedParams = nn.Module | Iterable[tuple[str, torch.Tensor]]
 
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -39,7 +38,9 @@ class SparseAdamW(torch.optim.Optimizer):
     it can be stored as safetensors + JSON without pickle; its param group records the mask's
     digest and the parameter names, which ``load_state_dict`` checks.
 
-    LR schedulers, ``clip_grad_norm_`` and ``zero_grad`` work as with any torch optimizer.
+    LR schedulers and ``zero_grad`` work as with any torch optimizer. Clip with
+    :func:`clip_masked_grad_norm_`: ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``
+    would measure the frozen entries' gradients too and shrink the trainable ones far more.
 
     Sharded training (FSDP2's ``fully_shard``, or DTensor parameters made by hand) works too:
     a DTensor parameter placed ``Shard(0)`` or ``Replicate()`` on each mesh dimension is
@@ -92,8 +93,8 @@ class SparseAdamW(torch.optim.Optimizer):
             raise InvalidArgumentError(f"betas must be two numbers in [0, 1), not {betas!r}")
         if not weight_decay >= 0.0:
             raise InvalidArgumentError(f"weight_decay must be >= 0, not {weight_decay!r}")
-        named = _trainable_named_params(model_or_named_params)
-        _check_mask_fits(mask, named)
+        named = trainable_named_params(model_or_named_params)
+        check_mask_fits(mask, named)
         self._mask_digest = mask.digest
         # Indices live on each parameter's device so a step moves no index data. A DTensor's
         # indices are those of the mask's entries in this rank's shard, relative to the shard.
@@ -365,8 +366,8 @@ def mask_gradients(model: nn.Module, mask: Mask, *, optimizer: torch.optim.Optim
         >>> model.weight.grad.tolist(), model.bias.grad.tolist()
         ([[0.0, 1.0]], [0.0])
     """
-    named = _trainable_named_params(model)
-    _check_mask_fits(mask, named)
+    named = trainable_named_params(model)
+    check_mask_fits(mask, named)
     if optimizer is not None:
         _warn_if_optimizer_leaks(optimizer, mask, named)
     handles = []
@@ -464,42 +465,6 @@ def _warn_if_optimizer_leaks(optimizer: torch.optim.Optimizer, mask: Mask, named
 def _some(names: list[str]) -> str:
     shown = ", ".join(repr(name) for name in names[:3])
     return shown + (", ..." if len(names) > 3 else "")
-
-
-# Matching masks to parameters -----------------------------------------------------------------------
-
-
-def _trainable_named_params(model_or_named_params: NamedParams) -> dict[str, torch.Tensor]:
-    if isinstance(model_or_named_params, nn.Module):
-        return {name: p for name, p in model_or_named_params.named_parameters() if p.requires_grad}
-    named: dict[str, torch.Tensor] = {}
-    for item in model_or_named_params:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise InvalidArgumentError(
-                "expected an nn.Module or an iterable of (name, parameter) pairs, such as model.named_parameters()"
-            )
-        name, param = item
-        if not isinstance(param, torch.Tensor):
-            raise InvalidArgumentError(f"parameter {name!r} is a {type(param).__name__}, not a tensor")
-        if name in named:
-            raise InvalidArgumentError(f"parameter name {name!r} appears twice")
-        if param.requires_grad:
-            named[name] = param
-    return named
-
-
-def _check_mask_fits(mask: Mask, named: dict[str, torch.Tensor]) -> None:
-    for name in mask.names:
-        param = named.get(name)
-        if param is None:
-            raise MaskMismatchError(
-                f"the mask names {name!r}, which is not a trainable parameter of the model; "
-                "build the mask from this model's parameters (e.g. fisher_scores(model, ...))"
-            )
-        if tuple(param.shape) != mask.shape(name):
-            raise MaskMismatchError(
-                f"mask tensor {name!r} has shape {mask.shape(name)} but the parameter has {tuple(param.shape)}"
-            )
 
 
 # DTensor parameters (sharded training) --------------------------------------------------------------

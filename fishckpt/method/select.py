@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, StateMismatchError
+from ..errors import HeadNotTrainableWarning, InvalidArgumentError, StateMismatchError
 from ..format.bits import word_view
 from ..mask import Mask
 
@@ -21,6 +22,10 @@ ModelOrState = nn.Module | Mapping[str, torch.Tensor]
 # that only about k values need to be kept; below it a direct kthvalue over everything is as fast.
 _DIRECT_LIMIT = 1 << 22
 _SAMPLE_SIZE = 1 << 20
+# Top-level module names that, in torchvision, timm and Hugging Face models, hold the task head:
+# a freshly initialised layer that must be trained whole. Only the first component of a name is
+# looked at, so "mlp.fc1" or "c_fc" deep inside a block never matches.
+_HEAD_MODULES = ("classifier", "fc", "lm_head", "score")
 # How many binomial standard deviations below the threshold the sampled bound sits. At 6 it
 # lands above the true threshold with probability ~1e-9; a miss only costs a second pass.
 _BRACKET_SIGMAS = 6.0
@@ -40,6 +45,12 @@ def fish_mask(
     are included whole and count toward k (the other ``k - their size`` entries are chosen by
     score, as in the reference code); tensors matching ``exclude`` get no entries. Patterns are
     case-sensitive ``fnmatch`` globs, e.g. ``"classifier.*"``.
+
+    The head. A new task head starts random, so its Fisher scores say little about what it
+    needs; the reference code trains it whole and takes its size out of k. Name it in
+    ``always_trainable``. If a tensor under a top-level ``classifier``, ``fc``, ``lm_head`` or
+    ``score`` module is in neither list, a :class:`HeadNotTrainableWarning` says so (put a head
+    that should stay frozen in ``exclude`` to silence it).
 
     Ties are broken deterministically: among entries whose score equals the k-th largest, those
     in earlier tensors (in ``scores`` order), then at lower flat indices, are taken first. The
@@ -62,6 +73,10 @@ def fish_mask(
             always-trainable tensors or above what can be selected; a pattern matching no tensor
             or a tensor matched by both lists; NaN or non-floating scores.
 
+    Warns:
+        HeadNotTrainableWarning: A tensor of an obvious head is in neither ``always_trainable``
+            nor ``exclude``.
+
     Example:
         >>> scores = {"w": torch.tensor([[0.1, 0.9], [0.5, 0.5]]), "head": torch.zeros(2)}
         >>> mask = fish_mask(scores, k=4, always_trainable=["head"])
@@ -77,7 +92,10 @@ def fish_mask(
         if tensor.numel() and bool(torch.isnan(tensor.max())):
             raise InvalidArgumentError(f"scores for {name!r} contain NaN; check the data and loss that produced them")
     shapes = {name: tuple(scores[name].shape) for name in names}
-    return _top_k_mask(scores, shapes, keep_ratio=keep_ratio, k=k, always_trainable=always_trainable, exclude=exclude)
+    always_trainable, exclude = _patterns(always_trainable), _patterns(exclude)  # read twice below
+    mask = _top_k_mask(scores, shapes, keep_ratio=keep_ratio, k=k, always_trainable=always_trainable, exclude=exclude)
+    _warn_if_head_left_out("fish_mask", names, always_trainable, exclude)
+    return mask
 
 
 def random_mask(
@@ -89,6 +107,8 @@ def random_mask(
     exclude: Iterable[str] = (),
 ) -> Mask:
     """A uniformly random mask with the same budget rules as :func:`fish_mask` (the paper's baseline).
+
+    The head rule and its :class:`HeadNotTrainableWarning` are those of :func:`fish_mask`.
 
     Every selectable entry gets an independent float64 key from a ``torch.Generator`` seeded
     with ``seed`` (drawn tensor by tensor, in order) and the largest keys win, so the same seed
@@ -115,7 +135,10 @@ def random_mask(
         name: torch.rand(tensor.shape, generator=generator, dtype=torch.float64) for name, tensor in tensors.items()
     }
     shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-    return _top_k_mask(keys, shapes, keep_ratio=keep_ratio, k=None, always_trainable=always_trainable, exclude=exclude)
+    always_trainable, exclude = _patterns(always_trainable), _patterns(exclude)  # read twice below
+    mask = _top_k_mask(keys, shapes, keep_ratio=keep_ratio, k=None, always_trainable=always_trainable, exclude=exclude)
+    _warn_if_head_left_out("random_mask", list(tensors), always_trainable, exclude)
+    return mask
 
 
 def bitfit_mask(model_or_state: ModelOrState) -> Mask:
@@ -237,6 +260,24 @@ def _top_k_mask(
     )
 
 
+def _warn_if_head_left_out(
+    caller: str, names: Sequence[str], always_trainable: Iterable[str], exclude: Iterable[str]
+) -> None:
+    """Warns when a tensor of an obvious task head is neither always trainable nor excluded."""
+    covered = _match(names, always_trainable, what="always_trainable") | _match(names, exclude, what="exclude")
+    left_out = [name for name in names if name.split(".", 1)[0] in _HEAD_MODULES and name not in covered]
+    if left_out:
+        head = left_out[0].split(".", 1)[0]
+        warnings.warn(
+            f"{caller}: {', '.join(repr(name) for name in left_out[:4])}{', ...' if len(left_out) > 4 else ''} "
+            f"look like the model's task head but always_trainable does not cover them, so they compete with "
+            f"the body for k. A new head must be trained whole (the reference code keeps it trainable and "
+            f"counts it toward k): pass always_trainable=['{head}.*'], or exclude=['{head}.*'] to keep it frozen.",
+            HeadNotTrainableWarning,
+            stacklevel=3,
+        )
+
+
 def _resolve_k(keep_ratio: float | None, k: int | None, total: int) -> int:
     if (keep_ratio is None) == (k is None):
         raise InvalidArgumentError("give exactly one of keep_ratio and k")
@@ -252,9 +293,13 @@ def _resolve_k(keep_ratio: float | None, k: int | None, total: int) -> int:
     return round(keep_ratio * total)
 
 
+def _patterns(patterns: Iterable[str]) -> list[str]:
+    # A lone string would be read as a list of one-letter patterns; a generator could be read once only.
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
 def _match(names: Sequence[str], patterns: Iterable[str], *, what: str) -> set[str]:
-    if isinstance(patterns, str):  # a lone string would be read as a list of one-letter patterns
-        patterns = [patterns]
+    patterns = _patterns(patterns)
     matched: set[str] = set()
     for pattern in patterns:
         hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
