@@ -337,6 +337,16 @@ def test_a_head_left_out_is_warned_about(tmp_path: Path) -> None:
         cases.trainer(tmp_path, fish={"head": []}, max_steps=1).train()
 
 
+def test_a_head_larger_than_the_budget_is_refused_before_the_fisher_pass(tmp_path: Path) -> None:
+    # The masked LM's head, outside "bert": the output bias (one per token), the 16x16 transform, its
+    # bias and its LayerNorm; more than 0.5% of the model.
+    head = cases.VOCAB + 16 * 16 + 3 * 16
+    run = cases.trainer(tmp_path, model=cases.masked_lm(), data_collator=cases.collate_lm, keep_ratio=0.005)
+    with pytest.raises(InvalidArgumentError, match=rf"the head FishTrainer detected .* has {head} entries .*head=\["):
+        run.train()
+    assert not (tmp_path / "fishckpt").exists()
+
+
 def test_options_the_trainer_cannot_honour_are_refused(tmp_path: Path) -> None:
     model = cases.classifier()
     with pytest.raises(InvalidArgumentError, match="optim='sgd'"):

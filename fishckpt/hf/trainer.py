@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import glob
 import json
 import logging
@@ -246,9 +247,10 @@ class FishTrainer(Trainer):  # type: ignore[misc]  # transformers is not type-ch
             The Trainer's ``TrainOutput``.
 
         Raises:
-            InvalidArgumentError: Nothing to resume from, a path given, or a run started on a
-                store that holds steps already.
+            InvalidArgumentError: Nothing to resume from, or a path given.
+            StepExistsError: A run started on a store that holds steps already (a second ``train()``).
             StepNotFoundError: The step asked for is not saved.
+            MaskMismatchError: ``mask=`` given on resume is not the store's.
         """
         if trial is not None:
             raise NotImplementedError("FishTrainer does not support hyper-parameter search (trial=)")
@@ -364,6 +366,7 @@ class FishTrainer(Trainer):  # type: ignore[misc]  # transformers is not type-ch
     def _compute_mask(self) -> Mask:
         model = self.model
         head = self._head_patterns()
+        self._check_head_fits(head)  # before the Fisher pass, which takes minutes on a real model
         examples = self._fisher_examples()
         with _vmappable_attention(model):
             scores = fisher_scores(
@@ -382,6 +385,19 @@ class FishTrainer(Trainer):  # type: ignore[misc]  # transformers is not type-ch
             head or "none",
         )
         return mask
+
+    def _check_head_fits(self, head: list[str]) -> None:
+        trainable = {name: p.numel() for name, p in self.model.named_parameters() if p.requires_grad}
+        k = round(self.keep_ratio * sum(trainable.values()))
+        covered = [name for name in trainable if any(fnmatch.fnmatchcase(name, pattern) for pattern in head)]
+        size = sum(trainable[name] for name in covered)
+        if size > k:
+            how = "detected (the parameters outside the base model)" if self.head is None else "given"
+            raise InvalidArgumentError(
+                f"the head FishTrainer {how} has {size:,} entries ({', '.join(covered[:4])}"
+                f"{', ...' if len(covered) > 4 else ''}), more than keep_ratio={self.keep_ratio} allows (k={k:,}); "
+                "name a smaller head with head=[...] (head=[] for none), or raise keep_ratio"
+            )
 
     def _head_patterns(self) -> list[str]:
         if self.head is not None:
