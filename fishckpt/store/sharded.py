@@ -229,6 +229,129 @@ def step_content_fields(reports: list[dict[str, Any]], world: int) -> dict[str, 
     }
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What a sharded save wrote, as every rank learns it from rank 0."""
+
+    bytes: int  # the step file and every part
+    changed: dict[str, int]  # entries changed outside the mask, per tensor
+    storage: dict[str, str]  # how each changed tensor's outside entries are stored
+    training_bytes: int
+
+
+def commit(
+    storage: Any,
+    layout: StoreLayout,
+    pending: Any,
+    publish: Callable[[stepfile.StepContent, set[str]], int],
+    *,
+    where: str,
+) -> Committed:
+    """Steps 2-4 of the protocol above, on this rank; ``publish`` is the store's, called on rank 0 only.
+
+    ``pending`` is the store's ``PendingSave`` of a sharded capture. Any rank's failure, at
+    capture, at its write or at publication, is raised on every rank with its original type, and
+    every rank then deletes the part it wrote.
+    """
+    ranks, shard, step = pending.ranks, pending.shard, pending.step
+    token = broadcast_json(secrets.token_hex(8), ranks)
+    written = None
+    try:
+        if pending.error is not None:
+            raise rebuild_error(pending.error)
+        report = write_part(
+            storage,
+            shard,
+            step,
+            pending.values,
+            pending.changes,
+            pending.training,
+            ranks,
+            token,
+            layout.manifest.mask_digest,
+        )
+        written = report["file"]
+    except Exception as error:  # reported to rank 0, then raised on every rank
+        report = describe(error, ranks.rank)
+    reports = gather_json(report, ranks)
+    outcome: dict[str, Any] = {}
+    if reports is not None:
+        try:
+            outcome = _publish(layout, pending, reports, ranks.world, publish, where=where)
+        except Exception as error:
+            outcome = describe(error, ranks.rank)
+    outcome = broadcast_json(outcome, ranks)
+    if not outcome["ok"]:
+        if written is not None:
+            with contextlib.suppress(OSError):
+                storage.delete(f"{STEPS_DIR}/{written}")
+        raise rebuild_error(outcome)
+    return Committed(
+        bytes=int(outcome["bytes"]),
+        changed={name: int(count) for name, count in outcome["changed"].items()},
+        storage=dict(outcome["storage"]),
+        training_bytes=int(outcome["training_bytes"]),
+    )
+
+
+def _publish(
+    layout: StoreLayout,
+    pending: Any,
+    reports: list[dict[str, Any]],
+    world: int,
+    publish: Callable[[stepfile.StepContent, set[str]], int],
+    *,
+    where: str,
+) -> dict[str, Any]:
+    """Rank 0: checks every rank's part, then has the store publish the step file that lists them."""
+    failed = [report for report in reports if not report["ok"]]
+    if failed:
+        raise rebuild_error(failed[0])
+    table = layout.table
+    shards.check_coverage(table.numels, table.names, parts_ranges(reports), where=where)
+    fields = step_content_fields(reports, world)
+    content = stepfile.StepContent(
+        store_id=layout.manifest.store_id or "",
+        step=pending.step,
+        created=time.time(),
+        base_digest=layout.manifest.base_digest,
+        mask_digest=layout.manifest.mask_digest,
+        k=layout.mask.k,
+        digest=digests.sharded_step_digest([report["digest"] for report in reports]),
+        metadata=pending.metadata,
+        values=[],
+        outside=[],
+        shards=fields,
+    )
+    written = publish(content, {report["file"] for report in reports})
+    changed_storage: dict[str, str] = {}
+    for report in reports:
+        changed_storage.update(report["storage"])
+    return {
+        "ok": True,
+        "bytes": written + sum(int(report["bytes"]) for report in reports),
+        "changed": fields["outside"],
+        "storage": changed_storage,
+        "training_bytes": sum(int(report["training_bytes"]) for report in reports),
+    }
+
+
+def remove_orphan_parts(storage: Any, part_files: Callable[[int], list[str]], *, keep: set[str]) -> None:
+    """Deletes part files that no step file lists (``part_files(step)`` says which it lists): what
+    ranks killed mid-save leave behind. O(steps): a store object runs it once."""
+    by_step: dict[int, list[str]] = {}
+    for name in storage.list(STEPS_DIR):
+        step = part_step_of(name)
+        if step is not None and name not in keep:
+            by_step.setdefault(step, []).append(name)
+    for step, names in by_step.items():
+        listed = set(part_files(step))
+        for name in names:
+            if name not in listed:
+                with contextlib.suppress(FileNotFoundError):
+                    storage.delete(f"{STEPS_DIR}/{name}")
+
+
 # Reading --------------------------------------------------------------------------------------------
 
 
@@ -480,4 +603,3 @@ def _manifest(
     manifest.masked_digest = digests.masked_digest(values)
     manifest.k, manifest.numel = mask.k, mask.numel
     return manifest
-

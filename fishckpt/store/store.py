@@ -52,7 +52,6 @@ from ..format.names import (
     MANIFEST_V2,
     STEPS_DIR,
     mask_name,
-    part_step_of,
 )
 from ..mask import Mask
 from ..sharding import is_dtensor, process_group
@@ -498,116 +497,61 @@ class CheckpointStore:
         )
 
     def _commit_sharded(self, pending: PendingSave, started: float) -> SaveInfo:
-        """A sharded save's commit, on every rank: its part, then rank 0's step file (store/sharded.py)."""
+        """A sharded save's commit, on every rank: the protocol of store/sharded.py, publishing through
+        ``_publish_sharded`` on rank 0."""
         from . import sharded
 
-        ranks, shard, step = pending.ranks, pending.shard, pending.step
-        assert ranks is not None
-        token = sharded.broadcast_json(secrets.token_hex(8), ranks)
-        written = None
-        try:
-            if pending.error is not None:
-                raise sharded.rebuild_error(pending.error)
-            assert shard is not None
-            report = sharded.write_part(
-                self._storage,
-                shard,
-                step,
-                pending.values,
-                pending.changes,
-                pending.training,
-                ranks,
-                token,
-                self._layout.manifest.mask_digest,
-            )
-            written = report["file"]
-        except Exception as error:  # reported to rank 0, then raised on every rank
-            report = sharded.describe(error, ranks.rank)
-        reports = sharded.gather_json(report, ranks)
-        outcome: dict[str, Any] = {}
-        if reports is not None:
-            try:
-                outcome = self._publish_sharded(pending, reports, ranks.world)
-            except Exception as error:
-                outcome = sharded.describe(error, ranks.rank)
-        outcome = sharded.broadcast_json(outcome, ranks)
-        if not outcome["ok"]:
-            if written is not None:
-                with contextlib.suppress(OSError):
-                    self._storage.delete(f"{STEPS_DIR}/{written}")
-            raise sharded.rebuild_error(outcome)
+        def publish(content: stepfile.StepContent, parts: set[str]) -> int:
+            return self._publish_sharded(content, parts, overwrite=pending.overwrite)
+
+        outcome = sharded.commit(
+            self._storage, self._layout, pending, publish, where=self._storage.where(self._key(pending.step))
+        )
         return SaveInfo(
-            step=step,
-            path=self.step_path(step),
-            bytes_written=int(outcome["bytes"]),
+            step=pending.step,
+            path=self.step_path(pending.step),
+            bytes_written=outcome.bytes,
             dense_bytes=self.dense_bytes,
             k=self.mask.k,
-            changed_outside_mask={name: int(count) for name, count in outcome["changed"].items()},
-            outside_mask_storage=dict(outcome["storage"]),
+            changed_outside_mask=outcome.changed,
+            outside_mask_storage=outcome.storage,
             checked_outside_mask=pending.checked,
             seconds=time.perf_counter() - started,
-            training_state_bytes=int(outcome["training_bytes"]),
+            training_state_bytes=outcome.training_bytes,
         )
 
-    def _publish_sharded(self, pending: PendingSave, reports: list[dict[str, Any]], world: int) -> dict[str, Any]:
-        """Rank 0: checks every rank's part and publishes the step file that makes the step visible."""
+    def _publish_sharded(self, content: stepfile.StepContent, parts: set[str], *, overwrite: bool) -> int:
+        """Rank 0: publishes the step file that lists ``parts`` and makes the step visible; its bytes.
+
+        Nothing after the publication may fail the save (every rank would delete its part): what
+        is left undone then (an old part not deleted) the next store object's sweep removes.
+        """
         from . import sharded
 
-        failed = [report for report in reports if not report["ok"]]
-        if failed:
-            raise sharded.rebuild_error(failed[0])
-        step = pending.step
+        step = content.step
         key = self._key(step)
-        where = self._storage.where(key)
-        table = self._layout.table
-        shards.check_coverage(table.numels, table.names, sharded.parts_ranges(reports), where=where)
-        fields = sharded.step_content_fields(reports, world)
-        layout = self._layout
-        content = stepfile.StepContent(
-            store_id=layout.manifest.store_id or "",
-            step=step,
-            created=time.time(),
-            base_digest=layout.manifest.base_digest,
-            mask_digest=layout.manifest.mask_digest,
-            k=layout.mask.k,
-            digest=digests.sharded_step_digest([report["digest"] for report in reports]),
-            metadata=pending.metadata,
-            values=[],
-            outside=[],
-            shards=fields,
-        )
         written: int | None = None
         try:
             with self._locked():
                 old: list[str] = []
                 if self._storage.stat(key) is not None:
-                    if not pending.overwrite:
+                    if not overwrite:
+                        where = self._storage.where(key)
                         raise StepExistsError(
                             f"{where}: step {step} is already saved; pass overwrite=True to replace it"
                         )
                     old = self._part_files(step)
                 if not self._temps_cleared:
                     self._storage.remove_stale_temps(STEPS_DIR)
-                    self._remove_orphan_parts(keep={report["file"] for report in reports})
+                    sharded.remove_orphan_parts(self._storage, self._part_files, keep=parts)
                     self._temps_cleared = True
-                written = self._storage.publish(key, stepfile.pack(content), overwrite=pending.overwrite)
-                for name in set(old) - {report["file"] for report in reports}:
+                written = self._storage.publish(key, stepfile.pack(content), overwrite=overwrite)
+                for name in set(old) - parts:
                     self._storage.delete(f"{STEPS_DIR}/{name}")
         except Exception:
             if written is None:
                 raise
-            # The step is saved: nothing after that may fail it (the ranks would delete its parts).
-            # What is left undone (an old part not deleted) the next save's sweep removes.
-        storage: dict[str, str] = {}
-        for report in reports:
-            storage.update(report["storage"])
-        return {
-            "ok": True,
-            "bytes": written + sum(int(report["bytes"]) for report in reports),
-            "changed": fields["outside"],
-            "storage": storage,
-            "training_bytes": sum(int(report["training_bytes"]) for report in reports),
-        }
+        return written
 
     def _part_files(self, step: int) -> list[str]:
         """The part files a saved step's file lists (none for a step that is not sharded, or unreadable)."""
@@ -616,20 +560,6 @@ class CheckpointStore:
         except (FishckptError, OSError):
             return []
         return [part.file for part in record.shards.parts] if record.shards is not None else []
-
-    def _remove_orphan_parts(self, *, keep: set[str]) -> None:
-        """Deletes part files that no step file lists: what ranks killed mid-save leave (O(steps), once)."""
-        by_step: dict[int, list[str]] = {}
-        for name in self._storage.list(STEPS_DIR):
-            step = part_step_of(name)
-            if step is not None and name not in keep:
-                by_step.setdefault(step, []).append(name)
-        for step, names in by_step.items():
-            listed = set(self._part_files(step))
-            for name in names:
-                if name not in listed:
-                    with contextlib.suppress(FileNotFoundError):
-                        self._storage.delete(f"{STEPS_DIR}/{name}")
 
     def _shard(self, starts: np.ndarray, stops: np.ndarray, *, checked: bool) -> shards.Shard:
         """The store restricted to these ranges (store/shards.py), built once per distinct ranges."""
