@@ -132,10 +132,16 @@ def test_macro_f1_matches_scikit_learn() -> None:
 
     # Lengths 1-3, so evaluate() sorts and pads; the first id names the example.
     data = transfer_minilm.Encoded([torch.tensor([i, 7, 7][: 1 + i % 3]) for i in range(50)], truth)
-    accuracy, macro_f1 = transfer_minilm.evaluate(Fixed(), data)
+    scores = transfer_minilm.evaluate(Fixed(), data)
     predicted = logits.argmax(1)
-    assert accuracy == pytest.approx(accuracy_score(truth, predicted))
-    assert macro_f1 == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert scores.accuracy == pytest.approx(accuracy_score(truth, predicted))
+    assert scores.macro_f1 == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert scores.classes_predicted == len(predicted.unique()) == 3
+    # A model that predicts one class for everything is flagged as such.
+    logits[:, 1] += 100
+    collapsed = transfer_minilm.evaluate(Fixed(), data)
+    assert collapsed.classes_predicted == 1
+    assert collapsed.macro_f1 == pytest.approx(f1_score(truth, torch.ones(50), average="macro", zero_division=0))
 
 
 def test_fisher_batches_use_every_review_once_without_padding() -> None:
@@ -262,3 +268,71 @@ def test_mean_pool_classifier_trains_under_hugging_faces_trainer(tmp_path: Path)
     assert "classifier.weight" in changed and "bert.encoder.layer.0.attention.self.query.weight" in changed
     assert trainer.predict(rows).predictions.shape == (8, 3)
     assert float(trainer.evaluate()["eval_loss"]) > 0
+
+
+def test_the_search_picks_by_validation_keeps_the_smaller_rate_on_ties_and_tests_every_seed() -> None:
+    def build(*, num_labels: int, seed: int) -> minilm.MeanPoolClassifier:
+        with torch.random.fork_rng(devices=[]):
+            return _tiny_mean_pool_classifier(seed)
+
+    generator = torch.Generator().manual_seed(2)
+
+    def split(n: int) -> transfer_minilm.Encoded:
+        lengths = torch.randint(3, 7, (n,), generator=generator).tolist()
+        return transfer_minilm.Encoded(
+            [torch.randint(1, 50, (length,), generator=generator) for length in lengths], torch.arange(n) % 3
+        )
+
+    data = {"train": split(16), "valid": split(9), "test": split(12)}
+    logged: list[str] = []
+    # Rates too small to change a prediction: every validation score ties, so the smallest rate wins,
+    # whatever the order it is given in.
+    result, mask = transfer_minilm.run_method(
+        "head only",
+        transfer_minilm.Models(build),
+        data,
+        seeds=3,
+        epochs=1,
+        grid=(1e-12, 1e-14, 1e-13),
+        log=logged.append,
+    )
+    assert [run.lr for run in result.search] == [1e-14, 1e-13, 1e-12]
+    assert len({run.valid for run in result.search}) == 1
+    assert result.chosen is result.search[0] and result.chosen.lr == 1e-14
+    # The search's other runs never see the test set; the chosen one and the other seeds do.
+    assert [run.test is None for run in result.search] == [False, True, True]
+    assert [run.seed for run in result.seeds] == [0, 1, 2]
+    assert all(run.test is not None and run.lr == 1e-14 for run in result.seeds)
+    assert mask is not None and mask.k == 3 * 16 + 3
+    assert len(logged) == 3 + 1 + 2
+
+
+def test_the_search_never_reads_the_test_set_to_choose(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Validation prefers 1e-2 (tied with 1e-1, the larger); the test set would prefer 1e-3.
+    valid_f1 = {1e-3: 0.5, 1e-2: 0.7, 1e-1: 0.7}
+    test_f1 = {1e-3: 0.9, 1e-2: 0.6, 1e-1: 0.8}
+    evaluated: list[tuple[str, float, int]] = []
+
+    def train(models: object, mask: object, lr: float, seed: int, data: object, epochs: int) -> tuple[object, object]:
+        return SimpleNamespace(lr=lr, seed=seed), transfer_minilm.Run(lr, seed, k=1, seconds=0.0)
+
+    def evaluate(model: SimpleNamespace, split: str) -> transfer_minilm.Scores:
+        evaluated.append((split, model.lr, model.seed))
+        return transfer_minilm.Scores(0.5, (valid_f1 if split == "valid" else test_f1)[model.lr], 3)
+
+    monkeypatch.setattr(transfer_minilm, "train", train)
+    monkeypatch.setattr(transfer_minilm, "evaluate", evaluate)
+    data = {"train": "train", "valid": "valid", "test": "test"}
+    result, _ = transfer_minilm.run_method(
+        "full fine-tuning",
+        transfer_minilm.Models(lambda **_: None),
+        data,  # type: ignore[arg-type]  # stand-ins: the fakes above never look inside
+        seeds=3,
+        epochs=1,
+        grid=(1e-1, 1e-2, 1e-3),
+        log=lambda line: None,
+    )
+    assert result.chosen.lr == 1e-2
+    assert [e for e in evaluated if e[0] == "test"] == [("test", 1e-2, 0), ("test", 1e-2, 1), ("test", 1e-2, 2)]
+    assert sorted(e[1] for e in evaluated if e[0] == "valid") == [1e-3, 1e-2, 1e-1]
+    assert [run.tested.macro_f1 for run in result.seeds] == [0.6, 0.6, 0.6]
