@@ -57,7 +57,7 @@ demo-small: $(STAMP)
 bench: $(DATA_STAMP)
 	$(BIN)/python bench/run.py
 
-# Both experiments, in about half an hour on 2 idle cores (docs/experiments.md).
+# Both experiments, in about 21 minutes on 2 idle cores (docs/experiments.md).
 experiments: $(DATA_STAMP)
 	$(BIN)/python experiments/transfer_digits.py
 	$(BIN)/python experiments/transfer_minilm.py
