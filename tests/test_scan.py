@@ -173,6 +173,26 @@ def test_gather_and_scatter_are_inverse_and_touch_only_masked_entries(native: bo
 
 
 @pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+def test_gather_and_scatter_on_two_threads_every_element_size(native: bool, monkeypatch) -> None:
+    # Over 64k masked elements, so the table is split between two threads; one row per element
+    # size the C loop specialises (1, 2, 4, 8) and one it does not (16), each longer than its prefetch distance.
+    dtypes = (torch.int8, torch.float16, torch.float32, torch.float64, torch.complex128)
+    case = Case([(dtype, (211, 173), 0.4, 0) for dtype in dtypes], 4096, 7)
+    assert case.table.index.size >= batch._TWO_THREADS_FROM_ELEMENTS
+    assert len(batch._halves(np.diff(case.table.index_starts), batch._TWO_THREADS_FROM_ELEMENTS)) == 2
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(_scan, "module", None)
+        values = case.table.new_values()
+        batch.gather(case.table, case.rows(case.state), values)
+        assert np.array_equal(values, case.reference_values(case.state))
+        targets = {name: tensor.clone() for name, tensor in case.base.items()}
+        batch.scatter(case.table, case.rows(targets), values)
+    for name in case.base:
+        assert torch.equal(bits(targets[name]), bits(case.state[name])), name
+
+
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
 def test_copy_check_copies_and_names_the_first_bad_chunk(native: bool, monkeypatch) -> None:
     case = Case([(torch.float64, (500,), 0.0, 0), (torch.int16, (3, 300), 0.0, 0), (torch.uint8, (0,), 0.0, 0)], 128, 2)
     sources = case.rows(case.base)

@@ -96,6 +96,41 @@ static void release_table(table_args *a) {
     PyBuffer_Release(&a->values);
 }
 
+/* How many elements ahead move_masked asks for a masked element's cache line. The indices are
+ * sorted but far apart (a 0.5% mask: one element every ~800 bytes), so each element is a cache
+ * miss, often a TLB miss; without prefetching the loop waits on memory one element at a time. */
+#define PREFETCH_AHEAD 16
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH(address, write) __builtin_prefetch((address), (write))
+#else
+#define PREFETCH(address, write) ((void)(address))
+#endif
+
+/* The loop of move_masked for one element size. With SIZE a constant (1, 2, 4 or 8), compilers
+ * turn each memcpy into one load and one store; any other size goes through a real memcpy. */
+#define MOVE_LOOP(SIZE)                                                                      \
+    for (int64_t j = begin; j < end; j++) {                                                  \
+        const int64_t position = index[j];                                                   \
+        if (position <= previous || position >= numel) {                                     \
+            return t;                                                                        \
+        }                                                                                    \
+        previous = position;                                                                 \
+        if (j + PREFETCH_AHEAD < end) {                                                      \
+            const int64_t ahead = index[j + PREFETCH_AHEAD];                                 \
+            if (ahead > position && ahead < numel) {                                         \
+                PREFETCH(tensor + (size_t)ahead * (SIZE), to_tensor);                        \
+            }                                                                                \
+        }                                                                                    \
+        unsigned char *element = tensor + (size_t)position * (SIZE);                         \
+        if (to_tensor) {                                                                     \
+            memcpy(element, values, (SIZE));                                                 \
+        } else {                                                                             \
+            memcpy(values, element, (SIZE));                                                 \
+        }                                                                                    \
+        values += (SIZE);                                                                    \
+    }
+
 /* Moves the masked elements of rows [first, last) between the tensors and their value buffers.
  * Returns the row of the first index out of order or out of range, or -1. */
 static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t last, int to_tensor) {
@@ -106,23 +141,17 @@ static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t 
         const int64_t numel = i64(&a->numels)[t];
         unsigned char *tensor = (unsigned char *)(uintptr_t)u64(&a->data)[t];
         unsigned char *values = (unsigned char *)(uintptr_t)u64(&a->values)[t];
+        const int64_t begin = starts[t], end = starts[t + 1];
         int64_t previous = -1;
         if (tensor == NULL) {
             continue; /* a row the caller handles itself */
         }
-        for (int64_t j = starts[t]; j < starts[t + 1]; j++) {
-            const int64_t position = index[j];
-            if (position <= previous || position >= numel) {
-                return t;
-            }
-            previous = position;
-            unsigned char *element = tensor + (size_t)position * size;
-            if (to_tensor) {
-                memcpy(element, values, size);
-            } else {
-                memcpy(values, element, size);
-            }
-            values += size;
+        switch (size) {
+        case 1: MOVE_LOOP(1) break;
+        case 2: MOVE_LOOP(2) break;
+        case 4: MOVE_LOOP(4) break;
+        case 8: MOVE_LOOP(8) break;
+        default: MOVE_LOOP(size) break;
         }
     }
     return -1;

@@ -31,7 +31,10 @@ from .table import MaskTable
 Values = npt.NDArray[np.uint8]
 Pairs = list[tuple[int, int]]
 
-_TWO_THREADS_FROM = 8 << 20  # bytes of tensors below which one thread does it faster
+_TWO_THREADS_FROM = 8 << 20  # bytes of tensors (a scan, a checked copy) below which one thread does it faster
+# Masked elements (a gather, a scatter) below which one thread does it faster: each element is a
+# cache miss of ~25 ns, so 64k of them take ~1.5 ms, well above a thread hand-off's ~50 µs.
+_TWO_THREADS_FROM_ELEMENTS = 1 << 16
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -97,11 +100,11 @@ def rows(tensors: Sequence[torch.Tensor] | Rows) -> Rows:
     return tensors if isinstance(tensors, Rows) else Rows(tensors)
 
 
-def _halves(sizes: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
-    """Row ranges for the threads: two halves of about equal bytes, or one range for small states."""
+def _halves(sizes: npt.NDArray[np.int64], threshold: int = _TWO_THREADS_FROM) -> list[tuple[int, int]]:
+    """Row ranges for the threads: two halves of about equal ``sizes``, or one range below ``threshold``."""
     rows = len(sizes)
     total = int(sizes.sum())
-    if rows < 2 or total < _TWO_THREADS_FROM:
+    if rows < 2 or total < threshold:
         return [(0, rows)]
     split = int(np.searchsorted(np.cumsum(sizes), total / 2)) + 1
     split = min(max(split, 1), rows - 1)
@@ -147,7 +150,10 @@ def gather(
     if found.any_native:
         targets = _value_addresses(table, values)
         args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, targets)
-        _run(_halves(np.diff(table.index_starts)), lambda a, b: _c().gather_table(a, b, *args))
+        _run(
+            _halves(np.diff(table.index_starts), _TWO_THREADS_FROM_ELEMENTS),
+            lambda a, b: _c().gather_table(a, b, *args),
+        )
     by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for row in found.fallback:
         tensor = plain(found.tensors[row].detach())
@@ -184,7 +190,10 @@ def scatter(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Va
     if found.any_native:
         sources = _value_addresses(table, values)
         args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, sources)
-        _run(_halves(np.diff(table.index_starts)), lambda a, b: _c().scatter_table(a, b, *args))
+        _run(
+            _halves(np.diff(table.index_starts), _TWO_THREADS_FROM_ELEMENTS),
+            lambda a, b: _c().scatter_table(a, b, *args),
+        )
     for row in found.fallback:
         tensor = found.tensors[row].detach()
         index = table.row_index(row)
