@@ -191,22 +191,35 @@ def _retention(report: Callable[[str], None], work: Path) -> None:
             CheckpointStore.open(work / "retention")
             opens.append(time.perf_counter() - started)
         ckpt = Checkpointer(CheckpointStore.open(work / "retention"), every=1, async_save=False, keep_last=target)
-        started = time.perf_counter()
-        for _ in range(5):
+        managed = []  # the first save lists the store once (O(steps)); every later one is O(k)
+        for _ in range(6):
             saved += 1
+            started = time.perf_counter()
             ckpt.step(saved, moved)
-        managed = (time.perf_counter() - started) / 5
+            managed.append(time.perf_counter() - started)
         ckpt.close()
         rows.append(
             [
                 f"{len(store.steps):,}",
                 f"{min(times) * 1e3:.2f}",
                 f"{min(opens) * 1e3:.2f}",
-                f"{managed * 1e3:.2f}",
+                f"{managed[0] * 1e3:.2f}",
+                f"{min(managed[1:]) * 1e3:.2f}",
             ]
         )
     report("\nA small state (8 tensors, k = 1,650): save and open time as the store grows (best of 5):\n")
-    report(table(["steps stored", "save ms", "open ms", "Checkpointer.step with keep_last, ms"], rows))
+    report(
+        table(
+            [
+                "steps stored",
+                "save ms",
+                "open ms",
+                "Checkpointer.step, keep_last: first save ms (lists the store)",
+                "later saves ms",
+            ],
+            rows,
+        )
+    )
 
 
 def run(
