@@ -157,9 +157,8 @@ def test_native_scan_matches_the_oracle_and_the_torch_loop(specs, chunk_bytes, s
     assert np.array_equal(native_values, case.reference_values(case.state))
 
 
-@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
-def test_gather_and_scatter_are_inverse_and_touch_only_masked_entries(native: bool, monkeypatch) -> None:
-    case = Case([(d, (33, 7), 0.2, 0) for d in (torch.float32, torch.complex128, torch.bool, torch.bfloat16)], 64, 1)
+def _gather_then_scatter(case: Case, native: bool, monkeypatch) -> None:
+    """Gathers the state's masked values, checks them against the oracle, and scatters them into the base."""
     with monkeypatch.context() as patch:
         if not native:
             patch.setattr(_scan, "module", None)
@@ -170,6 +169,12 @@ def test_gather_and_scatter_are_inverse_and_touch_only_masked_entries(native: bo
         batch.scatter(case.table, case.rows(targets), values)
     for name in case.base:
         assert torch.equal(bits(targets[name]), bits(case.state[name])), name
+
+
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+def test_gather_and_scatter_are_inverse_and_touch_only_masked_entries(native: bool, monkeypatch) -> None:
+    case = Case([(d, (33, 7), 0.2, 0) for d in (torch.float32, torch.complex128, torch.bool, torch.bfloat16)], 64, 1)
+    _gather_then_scatter(case, native, monkeypatch)
 
 
 @pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
@@ -180,16 +185,7 @@ def test_gather_and_scatter_on_two_threads_every_element_size(native: bool, monk
     case = Case([(dtype, (211, 173), 0.4, 0) for dtype in dtypes], 4096, 7)
     assert case.table.index.size >= batch._TWO_THREADS_FROM_ELEMENTS
     assert len(batch._halves(np.diff(case.table.index_starts), batch._TWO_THREADS_FROM_ELEMENTS)) == 2
-    with monkeypatch.context() as patch:
-        if not native:
-            patch.setattr(_scan, "module", None)
-        values = case.table.new_values()
-        batch.gather(case.table, case.rows(case.state), values)
-        assert np.array_equal(values, case.reference_values(case.state))
-        targets = {name: tensor.clone() for name, tensor in case.base.items()}
-        batch.scatter(case.table, case.rows(targets), values)
-    for name in case.base:
-        assert torch.equal(bits(targets[name]), bits(case.state[name])), name
+    _gather_then_scatter(case, native, monkeypatch)
 
 
 @pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
