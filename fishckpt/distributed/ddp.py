@@ -142,9 +142,7 @@ class MaskedAllReduceState:
         return _BucketPlan(tuple(parameters), buffer.numel(), index, whole)
 
 
-def masked_allreduce_hook(
-    state: MaskedAllReduceState, bucket: GradBucket
-) -> torch.futures.Future[torch.Tensor]:
+def masked_allreduce_hook(state: MaskedAllReduceState, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
     """A DDP communication hook that averages only the mask's entries of each gradient bucket.
 
     The masked entries are gathered into one contiguous buffer (in ``state.dtype`` if set),

@@ -577,9 +577,7 @@ class FsspecStorage(Storage):
 @contextlib.contextmanager
 def _holding(held: threading.Lock, url: str, timeout: float) -> Iterator[None]:
     if not (held.acquire(timeout=timeout) if timeout > 0 else held.acquire(blocking=False)):
-        raise StoreLockedError(
-            f"{url}: another writer in this process is writing to this store; wait for it to finish"
-        )
+        raise StoreLockedError(f"{url}: another writer in this process is writing to this store; wait for it to finish")
     try:
         yield
     finally:
