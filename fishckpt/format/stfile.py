@@ -193,7 +193,3 @@ def read_whole(data: bytes, *, kind: str, where: str) -> File:
     """Checks a v2 file held whole in memory."""
     return parse(data, file_size=len(data), read=lambda start, stop: data[start:stop], kind=kind, where=where)
 
-
-def header_size(prefix: bytes, *, file_size: int, where: str) -> int:
-    """How many bytes from the start of the file ``parse`` needs (the length prefix and the JSON header)."""
-    return _LENGTH.size + safetensors_layout.header_length(prefix, file_size=file_size, where=where)
