@@ -11,7 +11,6 @@ The store orchestrates; each step of its work is a call into the module that own
 from __future__ import annotations
 
 import contextlib
-import secrets
 import sys
 import time
 import warnings
@@ -24,27 +23,20 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ..errors import (
-    BaseMismatchError,
     FishckptError,
     FormatError,
     IntegrityError,
     InvalidArgumentError,
-    MaskMismatchError,
     OutsideMaskError,
     OutsideMaskWarning,
-    StateMismatchError,
     StepExistsError,
     StepNotFoundError,
     StoreExistsError,
     StoreReplacedError,
-    VerifyError,
-    VerifyFailure,
 )
-from ..format import digests, stepfile
+from ..format import stepfile
 from ..format import tree as tree_format
-from ..format.bits import plain
-from ..format.dtypes import DType, dtype_row
-from ..format.manifest import Manifest, TensorEntry
+from ..format.manifest import Manifest
 from ..format.names import (
     BASE_NAME,
     LOCK_NAME,
@@ -54,16 +46,14 @@ from ..format.names import (
     mask_name,
 )
 from ..mask import Mask
-from ..sharding import is_dtensor, process_group
+from ..sharding import is_dtensor
 from ..storage import LocalStorage, RootState, Storage, open_storage
-from . import batch, capture, rebuild, shards, stepcodec, training
-from .basefile import BaseWriter
+from . import batch, capture, creating, rebuild, shards, stepcodec, training, verifying
 from .capture import Captured, StateLike
 from .catalog import Catalog, check_step, read_manifest
 from .layout import StoreLayout
 from .records import CheckpointInfo, SaveInfo, StoreReport, VerifyReport
 from .switch import Residency, switch
-from .table import build_table
 
 PathLike = str | Path
 
@@ -162,39 +152,17 @@ class CheckpointStore:
             )
         if chunk_bytes < 64 or chunk_bytes % 16:
             raise InvalidArgumentError("chunk_bytes must be a multiple of 16 and at least 64")
-        state = capture.state_of(base)
-        if any(is_dtensor(tensor) for tensor in state.values()):
-            from . import sharded
-
-            entries, tensors = _plan_base(state, mask, sharded=True)
-            sharded.create(
-                storage,
-                entries,
-                tensors,
-                mask,
-                replace=found is RootState.STORE,
-                owned=_OWNED,
-                chunk_bytes=chunk_bytes,
-                lock_timeout=lock_timeout,
-            )
+        manifest = creating.create(
+            storage,
+            capture.state_of(base),
+            mask,
+            replace=found is RootState.STORE,
+            owned=_OWNED,
+            chunk_bytes=chunk_bytes,
+            lock_timeout=lock_timeout,
+        )
+        if manifest is None:  # created by every rank of a sharded base: each opens it
             return cls.open(storage, lock_timeout=lock_timeout)
-        entries, tensors = _plan_base(state, mask)
-        with storage.new_root(
-            replace=found is RootState.STORE, marker=MANIFEST_V2, owned=_OWNED, timeout=lock_timeout
-        ) as staging:
-            writer = BaseWriter(tensors, chunk_bytes)
-            staging.publish(BASE_NAME, writer.pieces(), overwrite=False)
-            for entry in entries:
-                entry.chunk_digests = writer.chunk_digests.get(entry.name, []) if entry.alias_of is None else []
-            manifest = Manifest(
-                entries, chunk_bytes, mask.digest, time.time(), version=2, store_id=secrets.token_hex(16)
-            )
-            manifest.masked_digest = _masked_digest(manifest, mask, {name: t for name, t, _ in tensors})
-            manifest.k, manifest.numel = mask.k, mask.numel
-            staging.publish(mask_name(2), mask.file_bytes(), overwrite=False)
-            staging.make_folder(STEPS_DIR)
-            # The manifest goes last: a folder without it is never taken for a store.
-            staging.publish(MANIFEST_V2, manifest.pack(), overwrite=False)
         return cls(storage, manifest, mask, lock_timeout=lock_timeout)
 
     @staticmethod
@@ -815,28 +783,7 @@ class CheckpointStore:
         Raises:
             StateMismatchError: Something asked for was not saved with this step.
         """
-        decoded = self._decode(check_step(step))
-        if decoded.parts is not None:  # a sharded step: each rank's training state is in its own part
-            group = process_group()
-            rank, world = group if group is not None else (0, 1)
-            if world != len(decoded.parts):
-                raise StateMismatchError(
-                    f"{decoded.where}: step {step} was saved by {len(decoded.parts)} ranks, each with its own "
-                    f"optimizer state; this is rank {rank} of {world}. Resume it on {len(decoded.parts)} ranks "
-                    "(the weights alone load on any number: load_into)"
-                )
-            decoded = decoded.parts[rank]
-        tree = stepcodec.decode_training(decoded)
-        for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
-            if target is None:
-                continue
-            if name not in tree:
-                raise StateMismatchError(
-                    f"{decoded.where}: step {step} was saved without {name} state; pass {name}= to save"
-                )
-            target.load_state_dict(tree[name])
-        if rng and "rng" in tree:
-            training.restore_rng(tree["rng"])
+        training.restore(self._decode(check_step(step)), optimizer, scheduler, rng=rng)
 
     # Inspecting and maintaining ---------------------------------------------------------------
 
@@ -891,56 +838,21 @@ class CheckpointStore:
         Raises:
             VerifyError: (an IntegrityError) listing each failing file and tensor.
         """
-        failures: list[VerifyFailure] = []
-        base_file = self._catalog.file(BASE_NAME)
-        whole_base = base if base is not None else steps is None
-        base_ok = True
-        try:
-            layout = self._layout
-            if whole_base:
-                for row, chunk in layout.stored_base_failures():
-                    name = layout.table.entries[row].name
-                    failures.append(VerifyFailure(base_file, name, f"chunk {chunk} does not match its digest"))
-            if not failures:  # a base found damaged chunk by chunk needs no second report
-                layout.base()
-                layout.base_values()
-        except (IntegrityError, FormatError) as error:
-            failures.append(VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file))))
-        base_ok = not failures
         if steps is None:
             numbers = self.steps
         elif isinstance(steps, int | np.integer):
             numbers = [check_step(int(steps))]
         else:
             numbers = [check_step(step) for step in steps]
-        checked, gone = [], []
-        for number in progress(numbers) if progress is not None else numbers:
-            file = self._catalog.file(self._key(number))
-            try:
-                record, step_file = self._catalog.read_record(number, sections=True)
-                if base_ok and record.shards is not None:
-                    self._decode_record(record, step_file, where=str(file))  # proves every part, or raises
-                elif base_ok:
-                    decoded = stepcodec.decode(self._layout, record, step_file, where=str(file), check=False)
-                    for tensor in stepcodec.content_failures(self._layout, decoded):
-                        what = "does not match its recorded digest"
-                        failures.append(VerifyFailure(file, tensor, what if tensor else "content " + what))
-                checked.append(number)
-            except StepNotFoundError:
-                gone.append(number)
-            except (IntegrityError, FormatError, BaseMismatchError) as error:
-                failures.append(VerifyFailure(file, None, _without_prefix(str(error), str(file))))
-                checked.append(number)
-        if base_ok and not whole_base and any(f.file != base_file for f in failures):
-            try:
-                self._blame_base()
-            except IntegrityError as error:  # the steps fail because the base is damaged: blame it alone
-                failures = [VerifyFailure(base_file, None, _without_prefix(str(error), str(base_file)))]
-                base_ok = False
-        report = VerifyReport(steps=checked, gone=gone, base_checked=whole_base, base_ok=base_ok)
-        if failures:
-            raise VerifyError(failures, report)
-        return report
+        return verifying.verify(
+            self._layout,
+            self._catalog,
+            numbers,
+            whole_base=base if base is not None else steps is None,
+            progress=progress,
+            decode=self._decode_record,
+            blame_base=self._blame_base,
+        )
 
     # Upgrading ---------------------------------------------------------------------------------------
 
@@ -1045,81 +957,6 @@ def outside_mask_summary(info: SaveInfo, *, shown: int = 3) -> str:
 # Helpers ---------------------------------------------------------------------------------------
 
 
-def _masked_digest(manifest: Manifest, mask: Mask, tensors: dict[str, torch.Tensor]) -> str:
-    table = build_table(manifest, mask)
-    values = table.new_values()
-    batch.gather(table, [tensors[entry.name] for entry in table.entries], values)
-    return digests.masked_digest(values)
-
-
-def _plan_base(
-    state: dict[str, torch.Tensor], mask: Mask, *, sharded: bool = False
-) -> tuple[list[TensorEntry], list[tuple[str, torch.Tensor, DType]]]:
-    """Validates a base state against a mask; finds tied tensors; returns entries and tensors to write.
-
-    ``sharded``: the state holds DTensors, kept as they are (each rank writes its own part);
-    tensors are tied when they are the same object.
-    """
-    bad = [name for name in state if not isinstance(name, str) or name == "__metadata__"]
-    if bad:
-        raise StateMismatchError(
-            f"the base has key(s) a store cannot hold: {bad[:5]!r} (keys must be strings, and `__metadata__` "
-            "is reserved by safetensors); rename them"
-        )
-    for name in mask.names:
-        if name not in state:
-            raise MaskMismatchError(f"mask tensor {name!r} is not in the base state; build the mask from this model")
-        if tuple(state[name].shape) != mask.shape(name):
-            raise MaskMismatchError(
-                f"mask tensor {name!r} has shape {mask.shape(name)}, the base has {tuple(state[name].shape)}"
-            )
-    entries: list[TensorEntry] = []
-    tensors: list[tuple[str, torch.Tensor, DType]] = []
-    seen: dict[tuple[Any, ...], str] = {}
-    for name, tensor in state.items():
-        capture.check_tensor(name, tensor)
-        row = dtype_row(tensor.dtype, key=name)
-        if sharded:
-            alias_of = seen.get((id(tensor),))
-            entries.append(TensorEntry(name, row, tuple(tensor.shape), alias_of, []))
-            if alias_of is None:
-                seen[(id(tensor),)] = name
-                tensors.append((name, tensor, row))
-            elif name in mask and mask.counts()[name]:
-                raise MaskMismatchError(
-                    f"mask tensor {name!r} is tied to {alias_of!r}; put its mask entries on {alias_of!r}"
-                )
-            continue
-        tensor = tensor.detach()
-        view_key = (
-            (
-                tensor.device,
-                tensor.untyped_storage().data_ptr(),
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tensor.stride(),
-                tensor.dtype,
-                tensor.is_conj(),
-                tensor.is_neg(),
-            )
-            if tensor.numel()
-            else None
-        )
-        alias_of = seen.get(view_key) if view_key is not None else None
-        if alias_of is not None:
-            if name in mask and mask.counts()[name]:
-                raise MaskMismatchError(
-                    f"mask tensor {name!r} is tied to {alias_of!r}; put its mask entries on {alias_of!r}"
-                )
-            entries.append(TensorEntry(name, row, tuple(tensor.shape), alias_of, []))
-            continue
-        if view_key is not None:
-            seen[view_key] = name
-        entries.append(TensorEntry(name, row, tuple(tensor.shape), None, []))
-        tensors.append((name, plain(tensor).contiguous().cpu(), row))
-    return entries, tensors
-
-
 def _refuse_if_strict(strict: bool, step: int, captured: capture.Captured) -> None:
     if strict and captured.changes:
         listing = ", ".join(f"{name} ({change.positions.numel()} entries)" for name, change in captured.changes.items())
@@ -1146,11 +983,6 @@ def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 def _decoded_metadata(metadata: dict[str, Any], *, where: str) -> dict[str, Any]:
     decoded = tree_format.decode_tree(metadata, [], where=where)
     return decoded if isinstance(decoded, dict) else {}
-
-
-def _without_prefix(message: str, where: str) -> str:
-    prefix = f"{where}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def _brief(steps: list[int]) -> str:

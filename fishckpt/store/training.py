@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import StateMismatchError
 from ..format import tree
+from ..sharding import process_group
+from . import stepcodec
 
 
 def capture(optimizer: Any, scheduler: Any, rng: bool) -> tuple[Any, list[torch.Tensor]] | None:
@@ -54,3 +57,32 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(decoded: stepcodec.Decoded, optimizer: Any, scheduler: Any, *, rng: bool) -> None:
+    """Loads a decoded step's optimizer, scheduler and RNG states into the objects given.
+
+    What ``CheckpointStore.load_training_state`` does once the step is decoded.
+    """
+    step = decoded.record.step
+    if decoded.parts is not None:  # a sharded step: each rank's training state is in its own part
+        group = process_group()
+        rank, world = group if group is not None else (0, 1)
+        if world != len(decoded.parts):
+            raise StateMismatchError(
+                f"{decoded.where}: step {step} was saved by {len(decoded.parts)} ranks, each with its own "
+                f"optimizer state; this is rank {rank} of {world}. Resume it on {len(decoded.parts)} ranks "
+                "(the weights alone load on any number: load_into)"
+            )
+        decoded = decoded.parts[rank]
+    state = stepcodec.decode_training(decoded)
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        if name not in state:
+            raise StateMismatchError(
+                f"{decoded.where}: step {step} was saved without {name} state; pass {name}= to save"
+            )
+        target.load_state_dict(state[name])
+    if rng and "rng" in state:
+        restore_rng(state["rng"])
