@@ -123,9 +123,7 @@ assert "torch" not in sys.modules
 def test_ls_report_and_version_run_without_torch(files: Files, command: list[str]) -> None:
     store = make_store(files, saved=(1,))
     arguments = command if command == ["--version"] else [command[0], str(store), *command[1:]]
-    result = subprocess.run(
-        [sys.executable, "-c", NO_TORCH, *arguments], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, *arguments], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     if command == ["--version"]:

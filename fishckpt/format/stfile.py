@@ -192,4 +192,3 @@ def parse(head: bytes, *, file_size: int, read: Reader, kind: str, where: str) -
 def read_whole(data: bytes, *, kind: str, where: str) -> File:
     """Checks a v2 file held whole in memory."""
     return parse(data, file_size=len(data), read=lambda start, stop: data[start:stop], kind=kind, where=where)
-

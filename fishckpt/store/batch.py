@@ -88,6 +88,19 @@ class Rows:
             else:
                 self.fallback.append(row)
 
+    @classmethod
+    def fresh(cls, tensors: Sequence[torch.Tensor]) -> Rows:
+        """Rows of tensors just allocated with ``torch.empty`` on the CPU: contiguous and plain, so
+        only their addresses are read (a fraction of a microsecond per tensor, for loads of
+        tens of thousands of tensors)."""
+        if native.module is None:
+            return cls(tensors)
+        found = cls.__new__(cls)
+        found.tensors = tensors
+        found.addresses = np.fromiter((tensor.data_ptr() for tensor in tensors), dtype=np.uint64, count=len(tensors))
+        found.fallback = []
+        return found
+
     def __len__(self) -> int:
         return len(self.tensors)
 

@@ -60,6 +60,7 @@ class StoreLayout:
         self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._device_base_words: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._base_sums: dict[int, torch.Tensor] = {}
+        self._row_specs: list[tuple[tuple[int, ...], torch.dtype]] | None = None
         self._pinned: torch.Tensor | None = None
 
     @property
@@ -118,6 +119,12 @@ class StoreLayout:
         failed = batch.check_chunks(self.table, [tensors[entry.name] for entry in self.table.entries])
         if failed:
             raise self.base_chunk_error(self.table.entries[failed[0][0]], failed[0][1])
+
+    def new_rows(self) -> list[torch.Tensor]:
+        """Uninitialised CPU tensors, one per table row, with the row's shape and dtype."""
+        if self._row_specs is None:
+            self._row_specs = [(tuple(entry.shape), entry.dtype.torch_dtype) for entry in self.table.entries]
+        return [torch.empty(shape, dtype=dtype) for shape, dtype in self._row_specs]
 
     def base_values(self) -> npt.NDArray[np.uint8]:
         """The base's bytes at the mask's indices, in stream order; checked against the manifest where v2 records it.

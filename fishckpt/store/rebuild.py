@@ -12,14 +12,16 @@ from .layout import StoreLayout
 from .stepcodec import Decoded
 
 
-def write_full(layout: StoreLayout, targets: list[torch.Tensor], decoded: Decoded, *, verify: bool) -> None:
+def write_full(
+    layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded, *, verify: bool
+) -> None:
     """Writes step ``decoded`` into contiguous CPU ``targets`` (mask-table rows) from the base up.
 
     With ``verify``, every base chunk is hashed once copied (the copy, not the file, so the
     bytes returned are the bytes proved), and everything the step set is read back.
     """
     table = layout.table
-    found = batch.Rows(targets)
+    found = batch.rows(targets)
     # One whole copy, then a hash pass over the copy: faster here than copying and hashing block
     # by block (about 315 against 355 ms per GiB here), since the copy into fresh pages
     # is bound by page faults and the hash by memory reads, and they overlap badly in one loop.

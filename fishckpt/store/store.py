@@ -661,8 +661,8 @@ class CheckpointStore:
         decoded = self._decode(check_step(step))
         device = torch.device(device)
         layout = self._layout
-        rows = [torch.empty(entry.shape, dtype=entry.dtype.torch_dtype) for entry in layout.table.entries]
-        rebuild.write_full(layout, rows, decoded, verify=verify)
+        rows = layout.new_rows()
+        rebuild.write_full(layout, batch.Rows.fresh(rows), decoded, verify=verify)
         if device.type != "cpu":
             rows = [row.to(device) for row in rows]
         by_name = {entry.name: tensor for entry, tensor in zip(layout.table.entries, rows, strict=True)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 
 import torch
 
@@ -12,29 +11,7 @@ from .layout import StoreLayout
 from .rebuild import apply, check_written, undo
 from .stepcodec import Decoded
 
-
-class _Resident(weakref.ref):  # type: ignore[type-arg]
-    """A weak reference to a tensor, with what this store object last wrote into it and the
-    tensor's version counter right after.
-
-    One object per tensor, and no closure: a load of 20,000 tensors allocating several
-    garbage-collected objects each triggered full collections that cost 8 µs per tensor.
-    """
-
-    __slots__ = ("decoded", "key", "version")
-
-    def __new__(
-        cls, owner: torch.Tensor, callback: Callable[[_Resident], None], key: int, decoded: Decoded, version: int
-    ) -> _Resident:
-        return super().__new__(cls, owner, callback)
-
-    def __init__(
-        self, owner: torch.Tensor, callback: Callable[[_Resident], None], key: int, decoded: Decoded, version: int
-    ) -> None:
-        # weakref.ref.__new__ made the reference; its __init__ only checks the same arguments.
-        self.key = key
-        self.decoded = decoded
-        self.version = version
+_SWEEP_FLOOR = 64  # records kept before the first sweep
 
 
 class Residency:
@@ -44,36 +21,41 @@ class Residency:
     written, so a later switch need only touch the entries either step set. The
     decoded step itself is kept (O(k)), not just its number: a switch undoes what
     was written, even if that step has been saved again or deleted since.
+
+    Each record is a plain tuple (a weak reference to the tensor, the step, the version):
+    no callback and no object of our own per tensor, since a load of 20,000 tensors paid
+    for every allocation in garbage-collector passes. Records of dead tensors are dropped
+    in one sweep once they could outnumber the live ones (amortised O(1) per tensor), so a
+    dead state's decoded step (O(k)) outlives it only until the next load or two.
     """
 
     def __init__(self) -> None:
-        # id(tensor) -> its record; a WeakKeyDictionary would compare tensors with ==.
-        self._resident: dict[int, _Resident] = {}
-
-    def _forget(self, record: _Resident) -> None:
-        if self._resident.get(record.key) is record:
-            del self._resident[record.key]
+        # id(tensor) -> record; a WeakKeyDictionary would compare tensors with ==.
+        self._resident: dict[int, tuple[weakref.ref[torch.Tensor], Decoded, int]] = {}
+        self._sweep_at = _SWEEP_FLOOR
 
     def remember(self, owners: list[torch.Tensor], decoded: Decoded, data: list[torch.Tensor] | None = None) -> None:
         """Records that ``owners`` hold ``decoded``; ``data`` (default: the owners) are the tensors written.
 
         A DTensor owner's data is its local shard: a view whose version counter is the shard's own.
         """
-        forget, resident = self._forget, self._resident
+        resident, ref = self._resident, weakref.ref
         for owner, written in zip(owners, owners if data is None else data, strict=True):
-            key = id(owner)
-            resident[key] = _Resident(owner, forget, key, decoded, written._version)
+            resident[id(owner)] = (ref(owner), decoded, written._version)
+        if len(resident) >= self._sweep_at:
+            self._resident = {key: record for key, record in resident.items() if record[0]() is not None}
+            self._sweep_at = max(_SWEEP_FLOOR, 2 * len(self._resident))
 
     def held(self, owners: list[torch.Tensor], data: list[torch.Tensor] | None = None) -> Decoded | None:
         """The one decoded step every tensor of ``owners`` holds untouched, or None."""
         held = None
         for owner, written in zip(owners, owners if data is None else data, strict=True):
             found = self._resident.get(id(owner))
-            if found is None or found() is not owner or found.version != written._version:
+            if found is None or found[0]() is not owner or found[2] != written._version:
                 return None
-            if held is not None and found.decoded is not held:
+            if held is not None and found[1] is not held:
                 return None
-            held = found.decoded
+            held = found[1]
         return held
 
 
