@@ -219,7 +219,7 @@ def test_a_rank_killed_at_a_random_instant_leaves_no_partial_step(seed: int, tmp
     spawn("again", world, out, worker=WORKER, extra=(str(store_path),), timeout=120)
     reopened = CheckpointStore.open(store_path)
     assert reopened.steps == [*steps, 100_000]
-    listed = {part for step in reopened.steps for part in reopened._part_files(step)}
+    listed = {part for step in reopened.steps for part in reopened._reader.part_files(step)}
     on_disk = {name for name in (store_path / "steps").iterdir() if part_step_of(name.name) is not None}
     assert {path.name for path in on_disk} == listed
     assert not [path for path in (store_path / "steps").iterdir() if path.name.startswith(".")]

@@ -23,7 +23,6 @@ import torch
 from torch.autograd.graph import increment_version
 
 from ..errors import (
-    FishckptError,
     FormatError,
     IntegrityError,
     InvalidArgumentError,
@@ -52,6 +51,7 @@ from . import batch, capture, creating, rebuild, shards, stepcodec, training, ve
 from .capture import Captured, StateLike
 from .catalog import Catalog, check_step, read_manifest
 from .layout import StoreLayout
+from .reading import StepReader
 from .records import CheckpointInfo, SaveInfo, StoreReport, VerifyReport
 from .switch import Residency, switch
 
@@ -90,14 +90,9 @@ class CheckpointStore:
         self._manifest_name = self._catalog.manifest_name
         found = storage.stat(self._manifest_name)
         self._manifest_version = None if found is None else found.version
-        # The last few decoded steps (O(k) each), keyed by step and the file's version, so
-        # switching between steps decodes only the step switched to.
-        self._decoded: dict[int, tuple[object, stepcodec.Decoded]] = {}
+        self._reader = StepReader(storage, self._catalog, self._layout)
         self._residency = Residency()
         self._temps_cleared = False
-        # Shards of this store (sharded training): by their ranges, most recently used last.
-        self._shards: dict[tuple[bytes, bool], shards.Shard] = {}
-        self._localized: dict[tuple[int, bytes], stepcodec.Decoded] = {}
 
     # Creating and opening -----------------------------------------------------------------------
 
@@ -412,7 +407,7 @@ class CheckpointStore:
         pieces = sharded.pieces_of(self._layout, tensors, rank)
         starts = np.array([p.start if p.writes else 0 for p in pieces], dtype=np.int64)
         stops = np.array([p.stop if p.writes else 0 for p in pieces], dtype=np.int64)
-        shard = self._shard(starts, stops, checked=check)
+        shard = self._reader.shard(starts, stops, checked=check)
         local = [p.local if p.writes else p.local[:0] for p in pieces]
         return shard, capture.collect(shard.layout, local, check=check, device_check=device_check)
 
@@ -508,10 +503,10 @@ class CheckpointStore:
                         raise StepExistsError(
                             f"{where}: step {step} is already saved; pass overwrite=True to replace it"
                         )
-                    old = self._part_files(step)
+                    old = self._reader.part_files(step)
                 if not self._temps_cleared:
                     self._storage.remove_stale_temps(STEPS_DIR)
-                    sharded.remove_orphan_parts(self._storage, self._part_files, keep=parts)
+                    sharded.remove_orphan_parts(self._storage, self._reader.part_files, keep=parts)
                     self._temps_cleared = True
                 written = self._storage.publish(key, stepfile.pack(content), overwrite=overwrite)
                 for name in set(old) - parts:
@@ -520,28 +515,6 @@ class CheckpointStore:
             if written is None:
                 raise
         return written
-
-    def _part_files(self, step: int) -> list[str]:
-        """The part files a saved step's file lists (none for a step that is not sharded, or unreadable)."""
-        try:
-            record, _ = self._catalog.read_record(step, sections=False)
-        except (FishckptError, OSError):
-            return []
-        return [part.file for part in record.shards.parts] if record.shards is not None else []
-
-    def _shard(self, starts: np.ndarray, stops: np.ndarray, *, checked: bool) -> shards.Shard:
-        """The store restricted to these ranges (store/shards.py), built once per distinct ranges."""
-        ranges = np.stack([starts, stops], axis=1).astype("<i8").tobytes()
-        for key in ((ranges, True), (ranges, checked)):
-            found = self._shards.get(key)
-            if found is not None:
-                self._shards[key] = self._shards.pop(key)
-                return found
-        built = shards.build(self._layout, starts, stops, checked=checked)
-        self._shards[(ranges, checked)] = built
-        while len(self._shards) > 64:
-            del self._shards[next(iter(self._shards))]
-        return built
 
     def _writable(self) -> None:
         if self.format_version < 2:
@@ -583,60 +556,6 @@ class CheckpointStore:
 
     # Loading --------------------------------------------------------------------------------------
 
-    def _decode(self, step: int, *, again: bool = True) -> stepcodec.Decoded:
-        """Reads, checks and decodes one step file (O(k)); recently decoded steps are reused."""
-        key = self._key(step)
-        found = self._storage.stat(key)
-        if found is None:
-            raise self._catalog.absent(step)
-        cached = self._decoded.get(step)
-        if cached is not None and cached[0] == found.version:
-            self._decoded[step] = self._decoded.pop(step)  # most recently used goes last
-            return cached[1]
-        layout = self._layout
-        layout.base_values()  # the base is checked first, so its faults are never blamed on a step
-        record, file = self._catalog.read_record(step, sections=True)
-        try:
-            decoded = self._decode_record(record, file, where=self._storage.where(key))
-        except IntegrityError:
-            if record.shards is not None and again:
-                # Its parts are read after the step file: a prune or an overwrite between the two
-                # removes them. A step that is gone now is not saved; one saved again is read again.
-                now = self._storage.stat(key)
-                if now is None:
-                    raise self._catalog.absent(step) from None
-                if now.version != found.version:
-                    return self._decode(step, again=False)
-            self._blame_base()
-            raise
-        self._decoded[step] = (found.version, decoded)
-        while len(self._decoded) > 2:
-            del self._decoded[next(iter(self._decoded))]
-        return decoded
-
-    def _decode_record(self, record: stepfile.StepRecord, file: stepfile.StepFile, *, where: str) -> stepcodec.Decoded:
-        """A checked step file decoded and proved; a sharded step's parts are read, proved and put together."""
-        if record.shards is None:
-            return stepcodec.decode(self._layout, record, file, where=where)
-        from . import sharded
-
-        return sharded.decode(
-            self._layout,
-            self._storage,
-            record,
-            file,
-            lambda starts, stops: self._shard(starts, stops, checked=False),
-            where=where,
-        )
-
-    def _blame_base(self) -> None:
-        """Raises the base's own error if the base is damaged: a step that fails against it is not to blame."""
-        layout = self._layout
-        failing = batch.check_chunks(layout.table, layout.base_rows())
-        if failing:
-            row, chunk = failing[0]
-            raise layout.base_chunk_error(layout.table.entries[row], chunk)
-
     def load(self, step: int, *, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
         """Rebuilds the full state dict of ``step``, bit-identical to what was saved.
 
@@ -658,7 +577,7 @@ class CheckpointStore:
             IntegrityError: A file is corrupted; the message names the file and tensor.
             BaseMismatchError: The checkpoint file belongs to another store.
         """
-        decoded = self._decode(check_step(step))
+        decoded = self._reader.decode(check_step(step))
         device = torch.device(device)
         layout = self._layout
         rows = layout.new_rows()
@@ -694,7 +613,7 @@ class CheckpointStore:
         # ``owners`` are the caller's own tensor objects (Parameters for a module), in table order,
         # whose version counters record later modification.
         owners = capture.validated(layout, capture.state_of(target), where=self.location)
-        decoded = self._decode(step)
+        decoded = self._reader.decode(step)
         if any(is_dtensor(owner) for owner in owners):
             # Sharded: each rank writes its own shard of the step, whatever sharding saved it.
             from . import sharded
@@ -702,29 +621,18 @@ class CheckpointStore:
             pieces = sharded.pieces_of(layout, owners, rank=0)
             starts = np.array([piece.start for piece in pieces], dtype=np.int64)
             stops = np.array([piece.stop for piece in pieces], dtype=np.int64)
-            shard = self._shard(starts, stops, checked=verify)
+            shard = self._reader.shard(starts, stops, checked=verify)
             # The local shards are written; the DTensors are remembered (their local tensors are fresh
             # views at each access, which share the shard's version counter).
             self._write_into(
                 shard.layout,
                 owners,
-                self._localize(shard, step, decoded),
+                self._reader.localize(shard, step, decoded),
                 verify=verify,
                 data=[piece.local for piece in pieces],
             )
             return
         self._write_into(layout, owners, decoded, verify=verify)
-
-    def _localize(self, shard: shards.Shard, step: int, decoded: stepcodec.Decoded) -> stepcodec.Decoded:
-        """Step ``decoded`` cut to ``shard``, the same object while the step is unchanged (for O(k) switching)."""
-        key = (step, np.stack([shard.starts, shard.stops], axis=1).tobytes())
-        found = self._localized.get(key)
-        if found is not None and found.record is decoded.record:
-            return found
-        found = self._localized[key] = shards.localize(shard, decoded)
-        while len(self._localized) > 4:
-            del self._localized[next(iter(self._localized))]
-        return found
 
     def _write_into(
         self,
@@ -783,7 +691,7 @@ class CheckpointStore:
         Raises:
             StateMismatchError: Something asked for was not saved with this step.
         """
-        training.restore(self._decode(check_step(step)), optimizer, scheduler, rng=rng)
+        training.restore(self._reader.decode(check_step(step)), optimizer, scheduler, rng=rng)
 
     # Inspecting and maintaining ---------------------------------------------------------------
 
@@ -807,7 +715,7 @@ class CheckpointStore:
         """Removes a saved step. Other steps never depend on it."""
         step = check_step(step)
         with self._locked():
-            parts = self._part_files(step) if self.format_version >= 2 else []
+            parts = self._reader.part_files(step) if self.format_version >= 2 else []
             try:
                 self._storage.delete(self._key(step))
             except FileNotFoundError:
@@ -815,7 +723,7 @@ class CheckpointStore:
             for name in parts:  # after the step file: a reader never finds a listed part missing
                 with contextlib.suppress(FileNotFoundError):
                     self._storage.delete(f"{STEPS_DIR}/{name}")
-            self._decoded.pop(step, None)
+            self._reader.forget(step)
 
     def verify(
         self, steps: int | Iterable[int] | None = None, *, base: bool | None = None, progress: Any = None
@@ -850,8 +758,8 @@ class CheckpointStore:
             numbers,
             whole_base=base if base is not None else steps is None,
             progress=progress,
-            decode=self._decode_record,
-            blame_base=self._blame_base,
+            decode=self._reader.decode_record,
+            blame_base=self._reader.blame_base,
         )
 
     # Upgrading ---------------------------------------------------------------------------------------
@@ -893,7 +801,7 @@ class CheckpointStore:
 
     def decoded(self, step: int) -> stepcodec.Decoded:
         """Step ``step`` read, checked and decoded (cached: the last two steps)."""
-        return self._decode(check_step(step))
+        return self._reader.decode(check_step(step))
 
 
 class PendingSave:
