@@ -211,7 +211,10 @@ def test_hook_state_refuses_a_mask_that_does_not_fit() -> None:
     with pytest.raises(MaskMismatchError, match=r"'embed\.weight' has shape \(3, 3\)"):
         MaskedAllReduceState(net, wrong)
     unknown = Mask.from_indices({"decoder.weight": [0]}, {"decoder.weight": (2,)})
-    with pytest.raises(MaskMismatchError, match=r"'decoder\.weight', which is not a trainable parameter"):
+    with pytest.raises(
+        MaskMismatchError,
+        match=r"'decoder\.weight', which is not a trainable parameter of the DDP module; .*ddp_model\.module",
+    ):
         MaskedAllReduceState(net, unknown)
     with pytest.raises(InvalidArgumentError, match=r"float16, torch\.bfloat16 or None"):
         MaskedAllReduceState(net, make_mask(net), dtype=torch.float64)

@@ -19,6 +19,7 @@ from torch._C._distributed_c10d import GradBucket
 
 from ..errors import InvalidArgumentError, MaskMismatchError
 from ..mask import Mask
+from ..method.params import check_mask_fits
 
 __all__ = ["MaskedAllReduceState", "masked_allreduce_hook", "register_masked_comm_hook"]
 
@@ -77,17 +78,12 @@ class MaskedAllReduceState:
                 f"dtype must be torch.float16, torch.bfloat16 or None (no compression), not {dtype!r}"
             )
         trainable = {name: param for name, param in module.named_parameters() if param.requires_grad}
-        for name in mask.names:
-            param = trainable.get(name)
-            if param is None:
-                raise MaskMismatchError(
-                    f"the mask names {name!r}, which is not a trainable parameter of the DDP module; "
-                    "build the mask from the wrapped model's parameters (ddp_model.module)"
-                )
-            if tuple(param.shape) != mask.shape(name):
-                raise MaskMismatchError(
-                    f"mask tensor {name!r} has shape {mask.shape(name)} but the parameter has {tuple(param.shape)}"
-                )
+        check_mask_fits(
+            mask,
+            trainable,
+            owner="the DDP module",
+            fix="build the mask from the wrapped model's parameters (ddp_model.module)",
+        )
         self.mask = mask
         self.dtype = dtype
         self.process_group = process_group

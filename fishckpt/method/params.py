@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -35,15 +35,21 @@ def trainable_named_params(model_or_named_params: NamedParams) -> dict[str, torc
     return named
 
 
-def check_mask_fits(mask: Mask, named: dict[str, torch.Tensor]) -> None:
-    """Raises MaskMismatchError unless every tensor the mask names is one of ``named``, in the same shape."""
+def check_mask_fits(
+    mask: Mask,
+    named: Mapping[str, torch.Tensor],
+    *,
+    owner: str = "the model",
+    fix: str = "build the mask from this model's parameters (e.g. fisher_scores(model, ...))",
+) -> None:
+    """Raises MaskMismatchError unless every tensor the mask names is one of ``named``, in the same shape.
+
+    ``owner`` names what ``named`` came from and ``fix`` says what to do, in the message.
+    """
     for name in mask.names:
         param = named.get(name)
         if param is None:
-            raise MaskMismatchError(
-                f"the mask names {name!r}, which is not a trainable parameter of the model; "
-                "build the mask from this model's parameters (e.g. fisher_scores(model, ...))"
-            )
+            raise MaskMismatchError(f"the mask names {name!r}, which is not a trainable parameter of {owner}; {fix}")
         if tuple(param.shape) != mask.shape(name):
             raise MaskMismatchError(
                 f"mask tensor {name!r} has shape {mask.shape(name)} but the parameter has {tuple(param.shape)}"
