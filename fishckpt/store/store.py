@@ -446,18 +446,7 @@ class CheckpointStore:
                 raise type(error)(
                     error.errno, f"{error.strerror}: saving step {step} of {self.location}", where
                 ) from error
-        return SaveInfo(
-            step=step,
-            path=self.step_path(step),
-            bytes_written=written,
-            dense_bytes=self.dense_bytes,
-            k=self.mask.k,
-            changed_outside_mask=encoded.changed,
-            outside_mask_storage=encoded.storage,
-            checked_outside_mask=pending.checked,
-            seconds=time.perf_counter() - started,
-            training_state_bytes=encoded.content.training_bytes,
-        )
+        return self._saved(pending, started, written, encoded.changed, encoded.storage, encoded.content.training_bytes)
 
     def _commit_sharded(self, pending: PendingSave, started: float) -> SaveInfo:
         """A sharded save's commit, on every rank: the protocol of store/sharded.py, publishing through
@@ -470,17 +459,29 @@ class CheckpointStore:
         outcome = sharded.commit(
             self._storage, self._layout, pending, publish, where=self._storage.where(self._key(pending.step))
         )
+        return self._saved(pending, started, outcome.bytes, outcome.changed, outcome.storage, outcome.training_bytes)
+
+    def _saved(
+        self,
+        pending: PendingSave,
+        started: float,
+        written: int,
+        changed: dict[str, int],
+        storage: dict[str, str],
+        training_bytes: int,
+    ) -> SaveInfo:
+        """What a committed save reports."""
         return SaveInfo(
             step=pending.step,
             path=self.step_path(pending.step),
-            bytes_written=outcome.bytes,
+            bytes_written=written,
             dense_bytes=self.dense_bytes,
             k=self.mask.k,
-            changed_outside_mask=outcome.changed,
-            outside_mask_storage=outcome.storage,
+            changed_outside_mask=changed,
+            outside_mask_storage=storage,
             checked_outside_mask=pending.checked,
             seconds=time.perf_counter() - started,
-            training_state_bytes=outcome.training_bytes,
+            training_state_bytes=training_bytes,
         )
 
     def _publish_sharded(self, content: stepfile.StepContent, parts: set[str], *, overwrite: bool) -> int:
