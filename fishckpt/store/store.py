@@ -566,7 +566,7 @@ class CheckpointStore:
         Args:
             step: A saved step.
             device: Where the returned tensors live.
-            verify: Check the base bytes against their digests as they are copied, and read
+            verify: Check the copied base bytes against their digests, and read
                 back every entry the step sets. Costs one hash pass (~0.05 s per GiB here, on
                 two threads); turn off only if you verify otherwise.
 
