@@ -122,6 +122,29 @@ class Mask:
         numel = self.numel
         return self.k / numel if numel else 0.0
 
+    def check_fits(
+        self,
+        named: Mapping[str, torch.Tensor],
+        *,
+        owner: str = "the model",
+        fix: str = "build the mask from this model's parameters (e.g. fisher_scores(model, ...))",
+    ) -> None:
+        """Raises MaskMismatchError unless every tensor the mask names is one of ``named``, in the same shape.
+
+        ``named`` maps parameter names to parameters; ``owner`` names what they came from and
+        ``fix`` says what to do, in the message.
+        """
+        for name in self.names:
+            param = named.get(name)
+            if param is None:
+                raise MaskMismatchError(
+                    f"the mask names {name!r}, which is not a trainable parameter of {owner}; {fix}"
+                )
+            if tuple(param.shape) != self.shape(name):
+                raise MaskMismatchError(
+                    f"mask tensor {name!r} has shape {self.shape(name)} but the parameter has {tuple(param.shape)}"
+                )
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 

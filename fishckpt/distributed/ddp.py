@@ -19,7 +19,6 @@ from torch._C._distributed_c10d import GradBucket
 
 from ..errors import InvalidArgumentError, MaskMismatchError
 from ..mask import Mask
-from ..method.params import check_mask_fits
 
 __all__ = ["MaskedAllReduceState", "masked_allreduce_hook", "register_masked_comm_hook"]
 
@@ -78,8 +77,7 @@ class MaskedAllReduceState:
                 f"dtype must be torch.float16, torch.bfloat16 or None (no compression), not {dtype!r}"
             )
         trainable = {name: param for name, param in module.named_parameters() if param.requires_grad}
-        check_mask_fits(
-            mask,
+        mask.check_fits(
             trainable,
             owner="the DDP module",
             fix="build the mask from the wrapped model's parameters (ddp_model.module)",

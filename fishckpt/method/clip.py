@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from .params import NamedParams, check_mask_fits, trainable_named_params
+from .params import NamedParams, trainable_named_params
 
 __all__ = ["clip_masked_grad_norm_"]
 
@@ -65,7 +65,7 @@ def clip_masked_grad_norm_(
     if not float(max_norm) >= 0.0:
         raise InvalidArgumentError(f"max_norm must be >= 0, not {max_norm!r}")
     named = trainable_named_params(model_or_named_params)
-    check_mask_fits(mask, named)
+    mask.check_fits(named)
     grads, masked_entries = [], []
     for name, param in named.items():
         grad = param.grad

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import InvalidArgumentError, MaskLeakWarning, MaskMismatchError
 from ..mask import Mask
 from ..sharding import is_dtensor, local_view
-from .params import NamedParams, check_mask_fits, trainable_named_params
+from .params import NamedParams, trainable_named_params
 
 __all__ = ["GradientMask", "SparseAdamW", "mask_gradients"]
 
@@ -94,7 +94,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if not weight_decay >= 0.0:
             raise InvalidArgumentError(f"weight_decay must be >= 0, not {weight_decay!r}")
         named = trainable_named_params(model_or_named_params)
-        check_mask_fits(mask, named)
+        mask.check_fits(named)
         self._mask_digest = mask.digest
         # Indices live on each parameter's device so a step moves no index data. A DTensor's
         # indices are those of the mask's entries in this rank's shard, relative to the shard.
@@ -367,7 +367,7 @@ def mask_gradients(model: nn.Module, mask: Mask, *, optimizer: torch.optim.Optim
         ([[0.0, 1.0]], [0.0])
     """
     named = trainable_named_params(model)
-    check_mask_fits(mask, named)
+    mask.check_fits(named)
     if optimizer is not None:
         _warn_if_optimizer_leaks(optimizer, mask, named)
     handles = []

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, MaskMismatchError
-from ..mask import Mask
+from ..errors import InvalidArgumentError
 
-__all__ = ["NamedParams", "check_mask_fits", "trainable_named_params"]
+__all__ = ["NamedParams", "trainable_named_params"]
 
 NamedParams = nn.Module | Iterable[tuple[str, torch.Tensor]]
 
@@ -33,24 +32,3 @@ def trainable_named_params(model_or_named_params: NamedParams) -> dict[str, torc
         if param.requires_grad:
             named[name] = param
     return named
-
-
-def check_mask_fits(
-    mask: Mask,
-    named: Mapping[str, torch.Tensor],
-    *,
-    owner: str = "the model",
-    fix: str = "build the mask from this model's parameters (e.g. fisher_scores(model, ...))",
-) -> None:
-    """Raises MaskMismatchError unless every tensor the mask names is one of ``named``, in the same shape.
-
-    ``owner`` names what ``named`` came from and ``fix`` says what to do, in the message.
-    """
-    for name in mask.names:
-        param = named.get(name)
-        if param is None:
-            raise MaskMismatchError(f"the mask names {name!r}, which is not a trainable parameter of {owner}; {fix}")
-        if tuple(param.shape) != mask.shape(name):
-            raise MaskMismatchError(
-                f"mask tensor {name!r} has shape {mask.shape(name)} but the parameter has {tuple(param.shape)}"
-            )
