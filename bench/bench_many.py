@@ -83,6 +83,10 @@ def run(report: Callable[[str], None], *, tensors: int = 20_000, size: int = 16,
             runs[f"fishckpt load, unverified ({kind})"] = lambda _, kind=kind: stores[kind].load(1, verify=False)
             runs[f"safetensors save_file + fsync ({kind})"] = dense_save(kind, "safetensors")
             runs[f"torch.save + fsync ({kind})"] = dense_save(kind, "pt")
+            # What any load returning independent tensors pays before reading a byte.
+            runs[f"torch.empty of each tensor ({kind})"] = lambda _, kind=kind: [
+                torch.empty(*tensor.shape, dtype=tensor.dtype) for tensor in bases[kind].values()
+            ]
         timed = interleaved(rounds, runs)
         for kind in ("one", "many"):
             runs_load: dict[str, Callable[[int], object]] = {

@@ -11,18 +11,29 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Piece", "is_dtensor", "local_view", "localize", "piece_of", "process_group", "shard_bounds"]
+__all__ = ["Piece", "any_dtensor", "is_dtensor", "local_view", "localize", "piece_of", "process_group", "shard_bounds"]
 
 
 def is_dtensor(tensor: object) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None)
-    return isinstance(dtensor, type) and isinstance(tensor, dtensor)
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def any_dtensor(tensors: Iterable[object]) -> bool:
+    """Whether any of ``tensors`` is a DTensor: one check per tensor, none before DTensor is imported."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(tensor, dtensor) for tensor in tensors)
+
+
+def _dtensor_type() -> type | None:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor if isinstance(dtensor, type) else None
 
 
 def local_view(

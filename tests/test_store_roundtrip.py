@@ -135,6 +135,31 @@ def test_tied_weights_restore_tied(new_location) -> None:
     assert_bits_equal(fresh[0].weight, model[0].weight)
 
 
+def test_load_keeps_the_base_key_order_across_dtypes_and_tied_keys(new_location) -> None:
+    # The mask table groups tensors by element width (int8 rows before fp64 ones) and stores a
+    # tied key once, so the rows come in another order than the keys: load must restore it.
+    shared = torch.arange(6, dtype=torch.float32)
+    base = {
+        "z.double": torch.arange(4, dtype=torch.float64),
+        "m.tied": shared,
+        "a.byte": torch.arange(5, dtype=torch.uint8),
+        "k.half": torch.arange(3, dtype=torch.float16),
+        "b.tied_again": shared,
+        "c.long": torch.arange(2, dtype=torch.int64),
+    }
+    mask = Mask.from_indices({"m.tied": [1], "a.byte": [0, 4]}, {"m.tied": (6,), "a.byte": (5,)})
+    store = CheckpointStore.create(new_location(), base, mask)
+    moved = {name: tensor.clone() for name, tensor in base.items()}
+    moved["b.tied_again"] = moved["m.tied"]
+    moved["m.tied"][1] = -1.0
+    moved["a.byte"][4] = 200
+    store.save(moved, 1)
+    loaded = store.load(1)
+    assert list(loaded) == list(base)
+    assert loaded["b.tied_again"] is loaded["m.tied"]
+    assert_state_bits_equal(loaded, moved)
+
+
 def test_module_state_and_load_into_module(new_location) -> None:
     location = new_location()
     torch.manual_seed(0)

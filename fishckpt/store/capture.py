@@ -46,7 +46,7 @@ def validated(layout: StoreLayout, state: dict[str, torch.Tensor], *, where: str
             or a value is not a dense tensor that holds data.
     """
     entries = layout.entries
-    if len(state) != len(entries) or not all(name in state for name in entries):
+    if state.keys() != entries.keys():
         missing = [name for name in entries if name not in state]
         extra = [name for name in state if name not in entries]
         parts = []
@@ -58,24 +58,22 @@ def validated(layout: StoreLayout, state: dict[str, torch.Tensor], *, where: str
             f"{where}: state does not match the store's base: {'; '.join(parts)}. "
             "Save the same model the store was created from"
         )
-    shapes = layout.torch_shapes
     out = []
-    strided = torch.strided
-    for entry in layout.table.entries:
-        name = entry.name
+    strided, tensor_type = torch.strided, torch.Tensor
+    for name, dtype, shape in layout.row_specs:
         tensor = state[name]
-        if not isinstance(tensor, torch.Tensor) or tensor.layout is not strided or tensor.is_meta:
+        if not isinstance(tensor, tensor_type) or tensor.layout is not strided or tensor.is_meta:
             check_tensor(name, tensor)
-        if tensor.dtype is not entry.dtype.torch_dtype or tensor.shape != shapes[name]:
+        if tensor.dtype is not dtype or tensor.shape != shape:
             raise StateMismatchError(
                 f"key {name!r}: state has {tensor.dtype} {tuple(tensor.shape)}, the base has "
-                f"{entry.dtype.torch_dtype} {entry.shape}; cast or reshape it to match"
+                f"{dtype} {tuple(shape)}; cast or reshape it to match"
             )
         out.append(tensor)
     for name, entry in layout.aliases:
         tied, source = state[name], state[entry.alias_of]  # type: ignore[index]
         check_tensor(name, tied)
-        if tied.dtype is not entry.dtype.torch_dtype or tied.shape != shapes[name]:
+        if tied.dtype is not entry.dtype.torch_dtype or tied.shape != layout.torch_shapes[name]:
             raise StateMismatchError(f"key {name!r}: state has {tied.dtype} {tuple(tied.shape)}, unlike the base")
         same_view = (
             tied.data_ptr() == source.data_ptr() and tied.stride() == source.stride() and tied.device == source.device

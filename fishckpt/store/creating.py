@@ -16,7 +16,7 @@ from ..format.dtypes import DType, dtype_row
 from ..format.manifest import Manifest, TensorEntry
 from ..format.names import BASE_NAME, MANIFEST_V2, STEPS_DIR, mask_name
 from ..mask import Mask
-from ..sharding import is_dtensor
+from ..sharding import any_dtensor
 from ..storage import Storage
 from . import batch, capture
 from .basefile import BaseWriter
@@ -34,7 +34,7 @@ def create(
     lock_timeout: float,
 ) -> Manifest | None:
     """Writes a new store at ``storage``: its manifest, or None for a sharded base (created by every rank together)."""
-    if any(is_dtensor(tensor) for tensor in state.values()):
+    if any_dtensor(state.values()):
         from . import sharded
 
         entries, tensors = plan_base(state, mask, sharded=True)

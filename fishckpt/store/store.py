@@ -45,7 +45,7 @@ from ..format.names import (
     mask_name,
 )
 from ..mask import Mask
-from ..sharding import is_dtensor
+from ..sharding import any_dtensor
 from ..storage import LocalStorage, RootState, Storage, open_storage
 from . import batch, capture, creating, rebuild, shards, stepcodec, training, verifying
 from .capture import Captured, StateLike
@@ -372,7 +372,7 @@ class CheckpointStore:
             where = self._storage.where(self._key(step))
             raise StepExistsError(f"{where}: step {step} is already saved; pass overwrite=True to replace it")
         shard = ranks = error = None
-        if any(is_dtensor(tensor) for tensor in checked):
+        if any_dtensor(checked):
             from . import sharded
 
             ranks = sharded.ranks()
@@ -585,12 +585,8 @@ class CheckpointStore:
         rebuild.write_full(layout, batch.Rows.fresh(rows), decoded, verify=verify)
         if device.type != "cpu":
             rows = [row.to(device) for row in rows]
-        by_name = {entry.name: tensor for entry, tensor in zip(layout.table.entries, rows, strict=True)}
-        out: dict[str, torch.Tensor] = {}
-        for entry in layout.manifest.entries:
-            out[entry.name] = out[entry.alias_of] if entry.alias_of is not None else by_name[entry.name]
         self._residency.remember(rows, decoded)
-        return out
+        return layout.state_dict(rows)
 
     def load_into(self, target: StateLike, step: int, *, verify: bool = True) -> None:
         """Writes step ``step`` into an existing module or state dict, in place.
@@ -615,7 +611,7 @@ class CheckpointStore:
         # whose version counters record later modification.
         owners = capture.validated(layout, capture.state_of(target), where=self.location)
         decoded = self._reader.decode(step)
-        if any(is_dtensor(owner) for owner in owners):
+        if any_dtensor(owners):
             # Sharded: each rank writes its own shard of the step, whatever sharding saved it.
             from . import sharded
 

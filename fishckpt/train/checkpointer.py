@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, OutsideMaskWarning, StepNotFoundError
-from ..sharding import is_dtensor, process_group
+from ..sharding import any_dtensor, process_group
 from ..store.capture import StateLike, state_of
 from ..store.records import SaveInfo
 from ..store.store import CheckpointStore, outside_mask_summary
@@ -140,7 +140,7 @@ class Checkpointer:
         state = state_of(model)
         # Sharded training (DTensors): every rank writes its own shard, and the store's commit
         # brings the ranks together; otherwise (DDP's replicas) one writer and a barrier.
-        sharded = any(is_dtensor(tensor) for tensor in state.values())
+        sharded = any_dtensor(state.values())
         if not self.writer and not sharded:
             self._barrier()
             return
