@@ -89,6 +89,32 @@ def test_load_registers_what_it_returns_for_an_o_k_switch(tmp_path: Path) -> Non
     assert_state_bits_equal(state, _moved(base, 2.0))
 
 
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("held", [False, True], ids=["full-write", "o-k-switch"])
+def test_a_target_whose_keys_share_memory_is_refused_and_left_alone(tmp_path: Path, verify: bool, held: bool) -> None:
+    # Writing "w" would change "b": no write leaves both right. Unrefused, a verified load found its
+    # own copy of the base changed underneath and told the user to restore a healthy base file,
+    # and an unverified one returned "b"'s weights in "w".
+    base = {"w": torch.zeros(16), "b": torch.ones(16)}
+    mask = Mask.from_indices({"w": [1, 7], "b": [2]}, {"w": (16,), "b": (16,)})
+    store = CheckpointStore.create(tmp_path / "s", base, mask)
+    for step in (1, 2):
+        moved = {name: tensor.clone() for name, tensor in base.items()}
+        moved["w"][1], moved["b"][2] = float(step), -float(step)
+        store.save(moved, step)
+    buffer = torch.full((24,), 5.0)
+    target = {"w": buffer[:16], "b": buffer[8:]}
+    if held:  # the switch's path: pretend both were written by a load of step 1
+        store._residency.remember([target["b"], target["w"]], store._reader.decode(1))
+    with pytest.raises(StateMismatchError, match="keys 'w' and 'b' of the target share memory"):
+        store.load_into(target, 2, verify=verify)
+    assert buffer.tolist() == [5.0] * 24  # refused before a byte was written
+    columns = torch.zeros(16, 2)  # interleaved but disjoint: accepted
+    target = {"w": columns[:, 0], "b": columns[:, 1]}
+    store.load_into(target, 2, verify=verify)
+    assert_state_bits_equal({name: tensor.contiguous() for name, tensor in target.items()}, store.load(2))
+
+
 # 2. Wrong weights: a step file from another store with the same base and mask ---------------------------
 
 

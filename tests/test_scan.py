@@ -166,9 +166,12 @@ def _gather_then_scatter(case: Case, native: bool, monkeypatch) -> None:
         batch.gather(case.table, case.rows(case.state), values)
         assert np.array_equal(values, case.reference_values(case.state))
         targets = {name: tensor.clone() for name, tensor in case.base.items()}
-        batch.scatter(case.table, case.rows(targets), values)
+        assert batch.scatter(case.table, case.rows(targets), values) is None
+        checked = {name: tensor.clone() for name, tensor in case.base.items()}
+        assert batch.scatter(case.table, case.rows(checked), values, read_back=True) is None
     for name in case.base:
         assert torch.equal(bits(targets[name]), bits(case.state[name])), name
+        assert torch.equal(bits(checked[name]), bits(case.state[name])), name
 
 
 @pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
@@ -251,10 +254,94 @@ def test_native_tables_refuse_inconsistent_arguments(change: dict[str, object], 
     }
     args.update(change)
     assert _scan.module is not None
-    for function in (_scan.module.gather_table, _scan.module.scatter_table):
+    for function in (_scan.module.gather_table, _scan.module.scatter_table, _scan.module.scatter_checked_table):
         with pytest.raises(ValueError, match=message):
             function(*args.values())
     assert data.tolist() == [0.0] * 100  # nothing was written before the check failed
+
+
+@needs_native
+@pytest.mark.parametrize("count", [3, 5000], ids=["one-block", "past-a-block"])
+def test_native_read_back_names_the_row_whose_memory_does_not_hold_its_values(count: int) -> None:
+    # Row 1's tensor starts one element before its own values buffer, so each write moves the
+    # values still to be written: the memory ends up not holding them, as when it changes underneath.
+    healthy, healthy_values = np.zeros(10, dtype=np.float32), np.arange(1, 4, dtype=np.float32)
+    shared = np.zeros(count + 1, dtype=np.float32)
+    shared[1:] = np.arange(1, count + 1, dtype=np.float32)
+    last = count - 1 if count < 4096 else 4096 + 7  # in the second block of a long row
+    table = (
+        np.array([healthy.ctypes.data, shared.ctypes.data], dtype=np.uint64),
+        np.array([10, count + 1], dtype=np.int64),
+        np.array([4, 4], dtype=np.int64),
+        np.array([0, 3, 3 + last + 1], dtype=np.int64),
+        np.concatenate([np.array([2, 5, 9]), np.arange(last + 1)]).astype(np.int64),
+        np.array([healthy_values.ctypes.data, shared.ctypes.data + 4], dtype=np.uint64),
+    )
+    assert _scan.module is not None
+    assert _scan.module.scatter_checked_table(0, 2, *table) == 1
+    assert healthy[[2, 5, 9]].tolist() == [1.0, 2.0, 3.0]
+    assert _scan.module.scatter_checked_table(0, 1, *table) == -1
+    healthy[:] = 0
+    _scan.module.scatter_table(0, 2, *table)  # the same writes, unchecked
+    assert healthy[[2, 5, 9]].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_torch_read_back_names_the_row_whose_write_did_not_land(monkeypatch) -> None:
+    case = Case([(torch.float32, (40,), 0.3, 0), (torch.int16, (7, 9), 0.3, 0)], 64, 3)
+    values = case.table.new_values()
+    batch.gather(case.table, case.rows(case.state), values)
+    real = batch.element_words
+    calls: list[int] = []
+
+    def loses_the_second_rows_writes(tensor: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return real(tensor).clone() if len(calls) == 3 else real(tensor)  # 1, 2: row 0's write and read-back
+
+    monkeypatch.setattr(_scan, "module", None)
+    monkeypatch.setattr(batch, "element_words", loses_the_second_rows_writes)
+    targets = {name: tensor.clone() for name, tensor in case.base.items()}
+    assert batch.scatter(case.table, case.rows(targets), values, read_back=True) == 1
+    assert batch.scatter(case.table, case.rows(targets), values, read_back=True) is None
+
+
+@pytest.mark.parametrize("native", BOTH, ids=["native", "torch"])
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ("separate", None),
+        ("same-tensor", (0, 1)),
+        ("slices-that-meet", (0, 1)),
+        ("slices-side-by-side", None),
+        ("int8-inside-a-float", (1, 2)),
+        ("interleaved-columns", None),
+        ("column-and-its-own-rows", (0, 1)),
+        ("float-in-a-column-gap", None),
+    ],
+)
+def test_overlapping_finds_rows_that_share_memory(native: bool, layout: str, expected, monkeypatch) -> None:
+    case = Case([(torch.float32, (8,), 0.5, 0), (torch.float32, (8,), 0.5, 0), (torch.int8, (4,), 0.5, 0)], 64, 4)
+    buffer = torch.zeros(64)
+    tensors = {
+        "separate": [torch.zeros(8), torch.zeros(8), torch.zeros(4, dtype=torch.int8)],
+        "same-tensor": [buffer[:8], buffer[:8], torch.zeros(4, dtype=torch.int8)],
+        "slices-that-meet": [buffer[:8], buffer[7:15], torch.zeros(4, dtype=torch.int8)],
+        "slices-side-by-side": [buffer[:8], buffer[8:16], buffer[16:17].view(torch.int8)],
+        "int8-inside-a-float": [buffer[:8], buffer[8:16], buffer[15:16].view(torch.int8)],
+        "interleaved-columns": [
+            buffer[:16].view(8, 2)[:, 0],
+            buffer[:16].view(8, 2)[:, 1],
+            torch.zeros(4, dtype=torch.int8),
+        ],
+        "column-and-its-own-rows": [buffer[:16].view(8, 2)[:, 0], buffer[:8], torch.zeros(4, dtype=torch.int8)],
+        "float-in-a-column-gap": [buffer[:16].view(8, 2)[:, 0], torch.zeros(8), buffer[3:4].view(torch.int8)],
+    }[layout]
+    with monkeypatch.context() as patch:
+        if not native:
+            patch.setattr(_scan, "module", None)
+        rows = [tensors[int(entry.name[1:])] for entry in case.table.entries]
+        found = batch.overlapping(case.table, batch.Rows(rows))
+    names = None if found is None else tuple(sorted(case.table.entries[row].name for row in found))
+    assert names == (None if expected is None else tuple(f"t{number}" for number in expected))
 
 
 def test_store_works_where_the_extension_is_missing(tmp_path) -> None:

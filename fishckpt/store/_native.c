@@ -203,6 +203,81 @@ static PyObject *scatter_table(PyObject *module, PyObject *args) {
     return move_table(args, "nny*y*y*y*y*y*:scatter_table", "scatter_table", 1);
 }
 
+/* Masked elements scattered before they are read back: few enough (4096 cache lines, 256 KiB)
+ * that the read-back finds them in cache, so checking the writes costs little beside them. */
+#define READ_BACK_ELEMENTS 4096
+
+#define COMPARE_LOOP(SIZE)                                                                   \
+    for (int64_t j = begin; j < end; j++) {                                                  \
+        if (memcmp(tensor + (size_t)index[j] * (SIZE), expected, (SIZE)) != 0) {             \
+            *unwritten = t;                                                                  \
+            return -1;                                                                       \
+        }                                                                                    \
+        expected += (SIZE);                                                                  \
+    }
+
+/* scatter_table's writes, each block of elements read back and compared with the values just
+ * after it is written. Returns the row of the first index out of order or out of range, or -1;
+ * sets *unwritten to the first row whose memory does not hold what was written. */
+static Py_ssize_t scatter_read_back(const table_args *a, Py_ssize_t first, Py_ssize_t last, Py_ssize_t *unwritten) {
+    const int to_tensor = 1;
+    const int64_t *starts = i64(&a->index_starts);
+    const int64_t *index = i64(&a->index);
+    for (Py_ssize_t t = first; t < last; t++) {
+        const size_t size = (size_t)i64(&a->itemsizes)[t];
+        const int64_t numel = i64(&a->numels)[t];
+        unsigned char *tensor = (unsigned char *)(uintptr_t)u64(&a->data)[t];
+        unsigned char *values = (unsigned char *)(uintptr_t)u64(&a->values)[t];
+        int64_t previous = -1;
+        if (tensor == NULL) {
+            continue;
+        }
+        for (int64_t begin = starts[t]; begin < starts[t + 1]; begin += READ_BACK_ELEMENTS) {
+            const int64_t end = starts[t + 1] - begin > READ_BACK_ELEMENTS ? begin + READ_BACK_ELEMENTS : starts[t + 1];
+            const unsigned char *expected = values;
+            switch (size) {
+            case 1: MOVE_LOOP(1) COMPARE_LOOP(1) break;
+            case 2: MOVE_LOOP(2) COMPARE_LOOP(2) break;
+            case 4: MOVE_LOOP(4) COMPARE_LOOP(4) break;
+            case 8: MOVE_LOOP(8) COMPARE_LOOP(8) break;
+            default: MOVE_LOOP(size) COMPARE_LOOP(size) break;
+            }
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(scatter_checked_table_doc,
+"scatter_checked_table(first, last, data, numels, itemsizes, index_starts, index, values, /) -> int\n"
+"\n"
+"scatter_table, reading back every element after writing it (a few thousand at a time, while\n"
+"they are in cache). Returns the first row whose memory does not hold what was written, or -1.");
+
+static PyObject *scatter_checked_table(PyObject *module, PyObject *args) {
+    (void)module;
+    table_args a;
+    Py_ssize_t first, last;
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*:scatter_checked_table", &first, &last, &a.data, &a.numels,
+                          &a.itemsizes, &a.index_starts, &a.index, &a.values)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (check_table("scatter_checked_table", &a, first, last) == 0) {
+        Py_ssize_t bad, unwritten = -1;
+        Py_BEGIN_ALLOW_THREADS
+        bad = scatter_read_back(&a, first, last, &unwritten);
+        Py_END_ALLOW_THREADS
+        if (bad >= 0) {
+            PyErr_Format(PyExc_ValueError, "scatter_checked_table: row %zd has an index out of order or out of range",
+                         bad);
+        } else {
+            result = PyLong_FromSsize_t(unwritten);
+        }
+    }
+    release_table(&a);
+    return result;
+}
+
 /* Appends (row, chunk) to a growing list of pairs; returns -1 when memory runs out. */
 typedef struct {
     Py_ssize_t *pairs;
@@ -459,6 +534,7 @@ static PyMethodDef native_methods[] = {
     {"scan_table", scan_table, METH_VARARGS, scan_table_doc},
     {"gather_table", gather_table, METH_VARARGS, gather_table_doc},
     {"scatter_table", scatter_table, METH_VARARGS, scatter_table_doc},
+    {"scatter_checked_table", scatter_checked_table, METH_VARARGS, scatter_checked_table_doc},
     {"copy_check", copy_check, METH_VARARGS, copy_check_doc},
     {NULL, NULL, 0, NULL},
 };

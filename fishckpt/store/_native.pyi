@@ -24,6 +24,17 @@ def scatter_table(
     values: Buffer,
     /,
 ) -> None: ...
+def scatter_checked_table(
+    first: int,
+    last: int,
+    data: Buffer,
+    numels: Buffer,
+    itemsizes: Buffer,
+    index_starts: Buffer,
+    index: Buffer,
+    values: Buffer,
+    /,
+) -> int: ...
 def scan_table(
     first: int,
     last: int,

@@ -203,29 +203,96 @@ def gather(
             offset += size
 
 
-def scatter(table: MaskTable, tensors: Sequence[torch.Tensor] | Rows, values: Values, *, index_on: Callable[
-        [int, torch.device], torch.Tensor] | None = None) -> None:  # fmt: skip
+def scatter(
+    table: MaskTable,
+    tensors: Sequence[torch.Tensor] | Rows,
+    values: Values,
+    *,
+    index_on: Callable[[int, torch.device], torch.Tensor] | None = None,
+    read_back: bool = False,
+) -> int | None:
     """Writes ``values`` (the table's buffer layout) into every tensor at its masked positions, in place.
 
-    Tensors that are not contiguous are written through a contiguous copy.
+    Tensors that are not contiguous are written through a contiguous copy. With ``read_back``,
+    what was written is read back and compared with ``values``, a few thousand elements at a
+    time just after writing them (while they are in cache: a second pass over 1 GiB would miss
+    it and cost as much as the writes); returns the first row whose memory does not hold its
+    values, or None. Rows must not overlap in memory (``overlapping``), or a later row's writes
+    could change an earlier row's after it was read back.
     """
     found = rows(tensors)
+    unwritten: list[int] = []
     if found.any_native:
         sources = _value_addresses(table, values)
         args = (found.addresses, table.numels, table.itemsizes, table.index_starts, table.index, sources)
-        _run(
-            _halves(np.diff(table.index_starts), _TWO_THREADS_FROM_ELEMENTS),
-            lambda a, b: _c().scatter_table(a, b, *args),
-        )
+        move = _c().scatter_checked_table if read_back else _c().scatter_table
+        results = _run(_halves(np.diff(table.index_starts), _TWO_THREADS_FROM_ELEMENTS), lambda a, b: move(a, b, *args))
+        unwritten.extend(row for row in results if read_back and row >= 0)
     for row in found.fallback:
         tensor = found.tensors[row].detach()
         index = table.row_index(row)
         if not tensor.is_cpu:
             index = index_on(row, tensor.device) if index_on is not None else index.to(tensor.device)
+        words = _row_words(table, values, row).to(tensor.device)
         work = tensor if tensor.is_contiguous() else tensor.contiguous()
-        element_words(work).index_copy_(0, index, _row_words(table, values, row).to(tensor.device))
+        element_words(work).index_copy_(0, index, words)
         if work is not tensor:
             tensor.copy_(work)
+        if read_back and not torch.equal(element_words(plain(tensor).contiguous()).index_select(0, index), words):
+            unwritten.append(row)
+    return min(unwritten) if unwritten else None
+
+
+def overlapping(table: MaskTable, found: Rows) -> tuple[int, int] | None:
+    """Two rows whose tensors share memory, or None.
+
+    Each row's bytes span an address range on its device. Contiguous rows whose ranges meet
+    share memory; where a non-contiguous row is one of them (interleaved columns of one buffer,
+    say), its elements are compared one by one. The C extension's rows (most of a state) cost
+    a sort in numpy; the others are looked at one by one.
+    """
+    nbytes = _nbytes(table)
+    taken = (found.addresses != 0) & (nbytes > 0)
+    rows_of = {torch.device("cpu"): [np.flatnonzero(taken)]}
+    starts_of = {torch.device("cpu"): [found.addresses[taken].astype(np.int64)]}
+    for row in found.fallback:
+        tensor = found.tensors[row]
+        if nbytes[row]:
+            last = sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
+            nbytes[row] = (last + 1) * tensor.element_size()  # the span; torch strides are never negative
+            rows_of.setdefault(tensor.device, []).append(np.array([row]))
+            starts_of.setdefault(tensor.device, []).append(np.array([tensor.data_ptr()], dtype=np.int64))
+    for device, parts in rows_of.items():
+        rows = np.concatenate(parts)
+        starts = np.concatenate(starts_of[device])
+        order = np.argsort(starts, kind="stable")
+        rows, starts = rows[order], starts[order]
+        stops = starts + nbytes[rows]
+        # Rows after position i that start before row i stops: none for disjoint contiguous rows.
+        reach = np.searchsorted(starts, stops, side="left")
+        for position in np.flatnonzero(reach > np.arange(len(rows)) + 1):
+            for other in range(position + 1, int(reach[position])):
+                first, second = sorted((int(rows[position]), int(rows[other])))
+                if _share_elements(found.tensors[first], found.tensors[second]):
+                    return first, second
+    return None
+
+
+def _share_elements(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether two tensors whose spans meet have a byte in common, element by element where not contiguous."""
+    (starts, width), (others, other_width) = _byte_ranges(first), _byte_ranges(second)
+    # For each range of the second: the last range of the first that starts before it ends.
+    before = np.searchsorted(starts, others + other_width, side="left") - 1
+    return bool(((before >= 0) & (starts[np.maximum(before, 0)] + width > others)).any())
+
+
+def _byte_ranges(tensor: torch.Tensor) -> tuple[npt.NDArray[np.int64], int]:
+    """A tensor's bytes as sorted, disjoint ranges of one width: the whole tensor, or one per element."""
+    if tensor.is_contiguous():
+        return np.array([tensor.data_ptr()], dtype=np.int64), tensor.numel() * tensor.element_size()
+    last = sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
+    positions = torch.arange(last + 1, dtype=torch.int64).as_strided(tensor.shape, tensor.stride())
+    return np.unique(positions.reshape(-1).numpy()) * tensor.element_size() + tensor.data_ptr(), tensor.element_size()
 
 
 # The exact check --------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import IntegrityError
@@ -31,24 +30,34 @@ def write_full(
     if failing:
         row, chunk = failing[0]
         raise layout.base_chunk_error(table.entries[row], chunk)
-    apply(layout, found, decoded)
-    if verify:
-        check_written(layout, found, decoded)
+    apply(layout, found, decoded, verify=verify)
 
 
-def apply(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded) -> None:
-    """Writes the step's masked values and outside-mask changes into ``targets`` (which hold the base there)."""
+def apply(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded, *, verify: bool) -> None:
+    """Writes the step's masked values and outside-mask changes into ``targets`` (which hold the base there).
+
+    With ``verify``, every entry the step sets is read back once written and compared with the
+    decoded (digest-proved) content. The targets must not share memory (``batch.overlapping``).
+    """
     table = layout.table
     found = batch.rows(targets)
     for name, change in decoded.changes.items():
         if change.dense is not None:  # the whole tensor, masked entries at base values: before the masked values
             target = found.tensors[table.row_of[name]]
             element_words(target).copy_(change.dense.to(target.device))
-    batch.scatter(table, found, decoded.values, index_on=layout.row_index_on)
+    unwritten = batch.scatter(table, found, decoded.values, index_on=layout.row_index_on, read_back=verify)
+    if unwritten is not None:
+        raise _not_written(decoded, table.entries[unwritten].name)
     for name, change in decoded.changes.items():
         if change.dense is None:
             target = found.tensors[table.row_of[name]]
             element_words(target).index_copy_(0, change.positions.to(target.device), change.words.to(target.device))
+    if verify:
+        for name, change in decoded.changes.items():
+            target = found.tensors[table.row_of[name]]
+            words = element_words(target).index_select(0, change.positions.to(target.device)).cpu()
+            if not torch.equal(words, change.words):
+                raise _not_written(decoded, name)
 
 
 def undo(layout: StoreLayout, targets: list[torch.Tensor], decoded: Decoded) -> None:
@@ -59,23 +68,6 @@ def undo(layout: StoreLayout, targets: list[torch.Tensor], decoded: Decoded) -> 
         target = targets[table.row_of[name]]
         base_words = element_words(base[name]).index_select(0, change.positions)
         element_words(target).index_copy_(0, change.positions.to(target.device), base_words.to(target.device))
-
-
-def check_written(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded: Decoded) -> None:
-    """Reads back every entry step ``decoded`` sets and compares it with the decoded (digest-proved) content."""
-    table = layout.table
-    found = batch.rows(targets)
-    back = table.new_values()
-    batch.gather(table, found, back, index_on=layout.row_index_on)
-    if not np.array_equal(back, decoded.values):
-        differing = np.flatnonzero(back != decoded.values)[0]
-        row = int(np.searchsorted(table.value_offsets, differing, side="right")) - 1
-        raise _not_written(decoded, table.entries[row].name)
-    for name, change in decoded.changes.items():
-        target = found.tensors[table.row_of[name]]
-        words = element_words(target).index_select(0, change.positions.to(target.device)).cpu()
-        if not torch.equal(words, change.words):
-            raise _not_written(decoded, name)
 
 
 def _not_written(decoded: Decoded, name: str) -> IntegrityError:

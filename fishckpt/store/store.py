@@ -28,6 +28,7 @@ from ..errors import (
     InvalidArgumentError,
     OutsideMaskError,
     OutsideMaskWarning,
+    StateMismatchError,
     StepExistsError,
     StepNotFoundError,
     StoreExistsError,
@@ -647,9 +648,11 @@ class CheckpointStore:
             if held is decoded:
                 return
             views = [tensor.detach() for tensor in data]
+            found = batch.Rows(views)
+            _refuse_shared_memory(layout, found)
             direct = [view.is_contiguous() and not view.is_conj() and not view.is_neg() for view in views]
             if held is not None and all(direct):
-                switch(layout, views, held, decoded, verify=verify)
+                switch(layout, found, held, decoded, verify=verify)
                 increment_version(views)
                 self._residency.remember(owners, decoded, data)
                 return
@@ -883,6 +886,21 @@ def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         tree_format.encode_tree(value, None, path=f"metadata key {key!r}")
     encoded = tree_format.encode_tree(dict(metadata), None, path="metadata")
     return encoded if isinstance(encoded, dict) else {"$items": encoded}
+
+
+def _refuse_shared_memory(layout: StoreLayout, found: batch.Rows) -> None:
+    """Refuses a target two of whose tensors share memory where the base holds two tensors.
+
+    Writing one would change the other, so no write could leave both right (and a verified
+    write would find its own copy of the base changed underneath and blame the base file).
+    """
+    shared = batch.overlapping(layout.table, found)
+    if shared is not None:
+        first, second = (layout.table.entries[row].name for row in shared)
+        raise StateMismatchError(
+            f"keys {first!r} and {second!r} of the target share memory, but the base holds them as two "
+            "tensors; give each key its own tensor (for example with .clone()) before loading into it"
+        )
 
 
 def _decoded_metadata(metadata: dict[str, Any], *, where: str) -> dict[str, Any]:

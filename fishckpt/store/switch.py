@@ -10,7 +10,7 @@ import torch
 
 from . import batch
 from .layout import StoreLayout
-from .rebuild import apply, check_written, undo
+from .rebuild import apply, undo
 from .stepcodec import Decoded
 
 _SWEEP_FLOOR = 64  # records kept before the first sweep
@@ -64,10 +64,7 @@ class Residency:
         return held
 
 
-def switch(layout: StoreLayout, targets: list[torch.Tensor], old: Decoded, new: Decoded, *, verify: bool) -> None:
+def switch(layout: StoreLayout, targets: batch.Rows, old: Decoded, new: Decoded, *, verify: bool) -> None:
     """Moves ``targets`` (mask-table rows) from step ``old`` to step ``new``, touching only entries either sets."""
-    found = batch.Rows(targets)
-    undo(layout, targets, old)
-    apply(layout, found, new)
-    if verify:
-        check_written(layout, found, new)
+    undo(layout, list(targets.tensors), old)
+    apply(layout, targets, new, verify=verify)
