@@ -91,10 +91,12 @@ def test_load_registers_what_it_returns_for_an_o_k_switch(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("held", [False, True], ids=["full-write", "o-k-switch"])
-def test_a_target_whose_keys_share_memory_is_refused_and_left_alone(tmp_path: Path, verify: bool, held: bool) -> None:
-    # Writing "w" would change "b": no write leaves both right. Unrefused, a verified load found its
-    # own copy of the base changed underneath and told the user to restore a healthy base file,
-    # and an unverified one returned "b"'s weights in "w".
+def test_a_target_whose_keys_share_memory_unlike_the_saved_state_is_refused(
+    tmp_path: Path, verify: bool, held: bool
+) -> None:
+    # Writing "w" changes "b": no write leaves both right. Before, a verified load found its own
+    # copy of the base changed underneath and told the user to restore a healthy base file, and an
+    # unverified one returned "b"'s values in "w" without a word.
     base = {"w": torch.zeros(16), "b": torch.ones(16)}
     mask = Mask.from_indices({"w": [1, 7], "b": [2]}, {"w": (16,), "b": (16,)})
     store = CheckpointStore.create(tmp_path / "s", base, mask)
@@ -104,15 +106,34 @@ def test_a_target_whose_keys_share_memory_is_refused_and_left_alone(tmp_path: Pa
         store.save(moved, step)
     buffer = torch.full((24,), 5.0)
     target = {"w": buffer[:16], "b": buffer[8:]}
-    if held:  # the switch's path: pretend both were written by a load of step 1
+    if held:  # the switch's path: as if both were written by a load of step 1
         store._residency.remember([target["b"], target["w"]], store._reader.decode(1))
-    with pytest.raises(StateMismatchError, match="keys 'w' and 'b' of the target share memory"):
+    with pytest.raises(StateMismatchError, match="keys 'w' and 'b' of the target share memory, and the step"):
         store.load_into(target, 2, verify=verify)
-    assert buffer.tolist() == [5.0] * 24  # refused before a byte was written
-    columns = torch.zeros(16, 2)  # interleaved but disjoint: accepted
+    columns = torch.zeros(16, 2)  # interleaved views of one buffer without a common byte: fine
     target = {"w": columns[:, 0], "b": columns[:, 1]}
     store.load_into(target, 2, verify=verify)
     assert_state_bits_equal({name: tensor.contiguous() for name, tensor in target.items()}, store.load(2))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_model_whose_tensors_overlap_as_they_did_at_save_loads(tmp_path: Path, verify: bool) -> None:
+    # A buffer that is a view of part of a weight: the base stores both, their bytes agree where they meet.
+    def model_state(storage: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": storage[:12], "window": storage[8:20], "bias": torch.zeros(3)}
+
+    storage = torch.arange(20, dtype=torch.float32)
+    store = CheckpointStore.create(
+        tmp_path / "s", model_state(storage), Mask.from_indices({"weight": [9]}, {"weight": (12,)})
+    )
+    storage[9] = -9.0  # the masked entry, seen by "window" too (outside its mask: recorded as its change)
+    _quiet_save(store, model_state(storage), 1)
+    expected = {name: tensor.clone() for name, tensor in model_state(storage).items()}
+    fresh = torch.zeros(20)
+    target = model_state(fresh)
+    store.load_into(target, 1, verify=verify)
+    assert_state_bits_equal(target, expected)
+    assert fresh[9].item() == -9.0 and fresh[19].item() == 19.0
 
 
 # 2. Wrong weights: a step file from another store with the same base and mask ---------------------------

@@ -217,8 +217,8 @@ def scatter(
     what was written is read back and compared with ``values``, a few thousand elements at a
     time just after writing them (while they are in cache: a second pass over 1 GiB would miss
     it and cost as much as the writes); returns the first row whose memory does not hold its
-    values, or None. Rows must not overlap in memory (``overlapping``), or a later row's writes
-    could change an earlier row's after it was read back.
+    values, or None. Where rows share memory (``overlapping``), a later row's writes can change
+    an earlier row's after it was read back: the caller checks those rows once all is written.
     """
     found = rows(tensors)
     unwritten: list[int] = []
@@ -243,8 +243,8 @@ def scatter(
     return min(unwritten) if unwritten else None
 
 
-def overlapping(table: MaskTable, found: Rows) -> tuple[int, int] | None:
-    """Two rows whose tensors share memory, or None.
+def overlapping(table: MaskTable, found: Rows) -> list[tuple[int, int]]:
+    """Every pair of rows whose tensors share memory (lower row first): none, in almost every state.
 
     Each row's bytes span an address range on its device. Contiguous rows whose ranges meet
     share memory; where a non-contiguous row is one of them (interleaved columns of one buffer,
@@ -262,6 +262,7 @@ def overlapping(table: MaskTable, found: Rows) -> tuple[int, int] | None:
             nbytes[row] = (last + 1) * tensor.element_size()  # the span; torch strides are never negative
             rows_of.setdefault(tensor.device, []).append(np.array([row]))
             starts_of.setdefault(tensor.device, []).append(np.array([tensor.data_ptr()], dtype=np.int64))
+    pairs: list[tuple[int, int]] = []
     for device, parts in rows_of.items():
         rows = np.concatenate(parts)
         starts = np.concatenate(starts_of[device])
@@ -274,8 +275,8 @@ def overlapping(table: MaskTable, found: Rows) -> tuple[int, int] | None:
             for other in range(position + 1, int(reach[position])):
                 first, second = sorted((int(rows[position]), int(rows[other])))
                 if _share_elements(found.tensors[first], found.tensors[second]):
-                    return first, second
-    return None
+                    pairs.append((first, second))
+    return sorted(pairs)
 
 
 def _share_elements(first: torch.Tensor, second: torch.Tensor) -> bool:

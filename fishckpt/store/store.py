@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..format import stepfile
 from ..format import tree as tree_format
+from ..format.bits import element_words, plain
 from ..format.manifest import Manifest
 from ..format.names import (
     BASE_NAME,
@@ -649,22 +650,26 @@ class CheckpointStore:
                 return
             views = [tensor.detach() for tensor in data]
             found = batch.Rows(views)
-            _refuse_shared_memory(layout, found)
+            shared = batch.overlapping(layout.table, found)  # tensors that share memory: written through copies
+            sharing = {row for pair in shared for row in pair}
             direct = [view.is_contiguous() and not view.is_conj() and not view.is_neg() for view in views]
-            if held is not None and all(direct):
+            if held is not None and all(direct) and not shared:
                 switch(layout, found, held, decoded, verify=verify)
                 increment_version(views)
                 self._residency.remember(owners, decoded, data)
                 return
             staged = [
-                view if ok and view.is_cpu else torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
-                for view, ok, entry in zip(views, direct, layout.table.entries, strict=True)
+                view
+                if ok and view.is_cpu and row not in sharing
+                else torch.empty(entry.shape, dtype=entry.dtype.torch_dtype)
+                for row, (view, ok, entry) in enumerate(zip(views, direct, layout.table.entries, strict=True))
             ]
             rebuild.write_full(layout, staged, decoded, verify=verify)
             for view, stage in zip(views, staged, strict=True):
                 if stage is not view:
                     view.copy_(stage.view(view.shape))
             increment_version(views)
+            _check_shared(layout, views, staged, shared, decoded)
         self._residency.remember(owners, decoded, data)
 
     # Training state -------------------------------------------------------------------------------
@@ -888,19 +893,30 @@ def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return encoded if isinstance(encoded, dict) else {"$items": encoded}
 
 
-def _refuse_shared_memory(layout: StoreLayout, found: batch.Rows) -> None:
-    """Refuses a target two of whose tensors share memory where the base holds two tensors.
+def _check_shared(
+    layout: StoreLayout,
+    views: list[torch.Tensor],
+    staged: list[torch.Tensor],
+    shared: list[tuple[int, int]],
+    decoded: stepcodec.Decoded,
+) -> None:
+    """Raises unless every target tensor that shares memory with another holds what the step gives it.
 
-    Writing one would change the other, so no write could leave both right (and a verified
-    write would find its own copy of the base changed underneath and blame the base file).
+    A base whose tensors overlapped (a buffer that is a view of a weight) is stored as separate
+    tensors whose bytes agree where they meet, and writing them one after the other leaves each
+    right. Tensors that share memory in the target but not in the saved state cannot all be right.
     """
-    shared = batch.overlapping(layout.table, found)
-    if shared is not None:
-        first, second = (layout.table.entries[row].name for row in shared)
-        raise StateMismatchError(
-            f"keys {first!r} and {second!r} of the target share memory, but the base holds them as two "
-            "tensors; give each key its own tensor (for example with .clone()) before loading into it"
-        )
+    for first, second in shared:
+        for row in (first, second):
+            held = element_words(plain(views[row]).contiguous().cpu())
+            if not torch.equal(held, element_words(staged[row].contiguous())):
+                names = [layout.table.entries[number].name for number in (first, second)]
+                raise StateMismatchError(
+                    f"{decoded.where}: keys {names[0]!r} and {names[1]!r} of the target share memory, and the "
+                    f"step holds different values where they meet, so key {layout.table.entries[row].name!r} "
+                    "could not be loaded (the target now holds a mix); give each key its own tensor "
+                    "(for example with .clone()) before loading into it"
+                )
 
 
 def _decoded_metadata(metadata: dict[str, Any], *, where: str) -> dict[str, Any]:
