@@ -131,9 +131,25 @@ static void release_table(table_args *a) {
         values += (SIZE);                                                                    \
     }
 
+/* Masked elements scattered before they are read back: few enough (4096 cache lines, 256 KiB)
+ * that the read-back finds them in cache, so checking the writes costs little beside them. */
+#define READ_BACK_ELEMENTS 4096
+
+#define COMPARE_LOOP(SIZE)                                                                   \
+    for (int64_t j = begin; j < end; j++) {                                                  \
+        if (memcmp(tensor + (size_t)index[j] * (SIZE), expected, (SIZE)) != 0) {             \
+            *unwritten = t;                                                                  \
+            return -1;                                                                       \
+        }                                                                                    \
+        expected += (SIZE);                                                                  \
+    }
+
 /* Moves the masked elements of rows [first, last) between the tensors and their value buffers.
- * Returns the row of the first index out of order or out of range, or -1. */
-static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t last, int to_tensor) {
+ * Returns the row of the first index out of order or out of range, or -1. With `unwritten`
+ * (a scatter), each block of READ_BACK_ELEMENTS is read back and compared with the values just
+ * after it is written, and *unwritten is set to the first row whose memory does not hold them. */
+static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t last, int to_tensor,
+                              Py_ssize_t *unwritten) {
     const int64_t *starts = i64(&a->index_starts);
     const int64_t *index = i64(&a->index);
     for (Py_ssize_t t = first; t < last; t++) {
@@ -141,23 +157,28 @@ static Py_ssize_t move_masked(const table_args *a, Py_ssize_t first, Py_ssize_t 
         const int64_t numel = i64(&a->numels)[t];
         unsigned char *tensor = (unsigned char *)(uintptr_t)u64(&a->data)[t];
         unsigned char *values = (unsigned char *)(uintptr_t)u64(&a->values)[t];
-        const int64_t begin = starts[t], end = starts[t + 1];
+        const int64_t block = unwritten != NULL ? READ_BACK_ELEMENTS : starts[t + 1] - starts[t];
         int64_t previous = -1;
         if (tensor == NULL) {
             continue; /* a row the caller handles itself */
         }
-        switch (size) {
-        case 1: MOVE_LOOP(1) break;
-        case 2: MOVE_LOOP(2) break;
-        case 4: MOVE_LOOP(4) break;
-        case 8: MOVE_LOOP(8) break;
-        default: MOVE_LOOP(size) break;
+        for (int64_t begin = starts[t]; begin < starts[t + 1]; begin += block) {
+            const int64_t end = starts[t + 1] - begin > block ? begin + block : starts[t + 1];
+            const unsigned char *expected = values;
+            switch (size) {
+            case 1: MOVE_LOOP(1) if (unwritten != NULL) { COMPARE_LOOP(1) } break;
+            case 2: MOVE_LOOP(2) if (unwritten != NULL) { COMPARE_LOOP(2) } break;
+            case 4: MOVE_LOOP(4) if (unwritten != NULL) { COMPARE_LOOP(4) } break;
+            case 8: MOVE_LOOP(8) if (unwritten != NULL) { COMPARE_LOOP(8) } break;
+            default: MOVE_LOOP(size) if (unwritten != NULL) { COMPARE_LOOP(size) } break;
+            }
         }
     }
     return -1;
 }
 
-static PyObject *move_table(PyObject *args, const char *format, const char *name, int to_tensor) {
+/* gather_table, scatter_table and scatter_checked_table (which `check`s: returns an int, not None). */
+static PyObject *move_table(PyObject *args, const char *format, const char *name, int to_tensor, int check) {
     table_args a;
     Py_ssize_t first, last;
     if (!PyArg_ParseTuple(args, format, &first, &last, &a.data, &a.numels, &a.itemsizes, &a.index_starts, &a.index,
@@ -166,14 +187,14 @@ static PyObject *move_table(PyObject *args, const char *format, const char *name
     }
     PyObject *result = NULL;
     if (check_table(name, &a, first, last) == 0) {
-        Py_ssize_t bad;
+        Py_ssize_t bad, unwritten = -1;
         Py_BEGIN_ALLOW_THREADS
-        bad = move_masked(&a, first, last, to_tensor);
+        bad = move_masked(&a, first, last, to_tensor, check ? &unwritten : NULL);
         Py_END_ALLOW_THREADS
         if (bad >= 0) {
             PyErr_Format(PyExc_ValueError, "%s: row %zd has an index out of order or out of range", name, bad);
         } else {
-            result = Py_NewRef(Py_None);
+            result = check ? PyLong_FromSsize_t(unwritten) : Py_NewRef(Py_None);
         }
     }
     release_table(&a);
@@ -190,7 +211,7 @@ PyDoc_STRVAR(gather_table_doc,
 
 static PyObject *gather_table(PyObject *module, PyObject *args) {
     (void)module;
-    return move_table(args, "nny*y*y*y*y*y*:gather_table", "gather_table", 0);
+    return move_table(args, "nny*y*y*y*y*y*:gather_table", "gather_table", 0, 0);
 }
 
 PyDoc_STRVAR(scatter_table_doc,
@@ -200,51 +221,7 @@ PyDoc_STRVAR(scatter_table_doc,
 
 static PyObject *scatter_table(PyObject *module, PyObject *args) {
     (void)module;
-    return move_table(args, "nny*y*y*y*y*y*:scatter_table", "scatter_table", 1);
-}
-
-/* Masked elements scattered before they are read back: few enough (4096 cache lines, 256 KiB)
- * that the read-back finds them in cache, so checking the writes costs little beside them. */
-#define READ_BACK_ELEMENTS 4096
-
-#define COMPARE_LOOP(SIZE)                                                                   \
-    for (int64_t j = begin; j < end; j++) {                                                  \
-        if (memcmp(tensor + (size_t)index[j] * (SIZE), expected, (SIZE)) != 0) {             \
-            *unwritten = t;                                                                  \
-            return -1;                                                                       \
-        }                                                                                    \
-        expected += (SIZE);                                                                  \
-    }
-
-/* scatter_table's writes, each block of elements read back and compared with the values just
- * after it is written. Returns the row of the first index out of order or out of range, or -1;
- * sets *unwritten to the first row whose memory does not hold what was written. */
-static Py_ssize_t scatter_read_back(const table_args *a, Py_ssize_t first, Py_ssize_t last, Py_ssize_t *unwritten) {
-    const int to_tensor = 1;
-    const int64_t *starts = i64(&a->index_starts);
-    const int64_t *index = i64(&a->index);
-    for (Py_ssize_t t = first; t < last; t++) {
-        const size_t size = (size_t)i64(&a->itemsizes)[t];
-        const int64_t numel = i64(&a->numels)[t];
-        unsigned char *tensor = (unsigned char *)(uintptr_t)u64(&a->data)[t];
-        unsigned char *values = (unsigned char *)(uintptr_t)u64(&a->values)[t];
-        int64_t previous = -1;
-        if (tensor == NULL) {
-            continue;
-        }
-        for (int64_t begin = starts[t]; begin < starts[t + 1]; begin += READ_BACK_ELEMENTS) {
-            const int64_t end = starts[t + 1] - begin > READ_BACK_ELEMENTS ? begin + READ_BACK_ELEMENTS : starts[t + 1];
-            const unsigned char *expected = values;
-            switch (size) {
-            case 1: MOVE_LOOP(1) COMPARE_LOOP(1) break;
-            case 2: MOVE_LOOP(2) COMPARE_LOOP(2) break;
-            case 4: MOVE_LOOP(4) COMPARE_LOOP(4) break;
-            case 8: MOVE_LOOP(8) COMPARE_LOOP(8) break;
-            default: MOVE_LOOP(size) COMPARE_LOOP(size) break;
-            }
-        }
-    }
-    return -1;
+    return move_table(args, "nny*y*y*y*y*y*:scatter_table", "scatter_table", 1, 0);
 }
 
 PyDoc_STRVAR(scatter_checked_table_doc,
@@ -255,27 +232,7 @@ PyDoc_STRVAR(scatter_checked_table_doc,
 
 static PyObject *scatter_checked_table(PyObject *module, PyObject *args) {
     (void)module;
-    table_args a;
-    Py_ssize_t first, last;
-    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*:scatter_checked_table", &first, &last, &a.data, &a.numels,
-                          &a.itemsizes, &a.index_starts, &a.index, &a.values)) {
-        return NULL;
-    }
-    PyObject *result = NULL;
-    if (check_table("scatter_checked_table", &a, first, last) == 0) {
-        Py_ssize_t bad, unwritten = -1;
-        Py_BEGIN_ALLOW_THREADS
-        bad = scatter_read_back(&a, first, last, &unwritten);
-        Py_END_ALLOW_THREADS
-        if (bad >= 0) {
-            PyErr_Format(PyExc_ValueError, "scatter_checked_table: row %zd has an index out of order or out of range",
-                         bad);
-        } else {
-            result = PyLong_FromSsize_t(unwritten);
-        }
-    }
-    release_table(&a);
-    return result;
+    return move_table(args, "nny*y*y*y*y*y*:scatter_checked_table", "scatter_checked_table", 1, 1);
 }
 
 /* Appends (row, chunk) to a growing list of pairs; returns -1 when memory runs out. */

@@ -258,8 +258,7 @@ def overlapping(table: MaskTable, found: Rows) -> list[tuple[int, int]]:
     for row in found.fallback:
         tensor = found.tensors[row]
         if nbytes[row]:
-            last = sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
-            nbytes[row] = (last + 1) * tensor.element_size()  # the span; torch strides are never negative
+            nbytes[row] = (_last_element(tensor) + 1) * tensor.element_size()  # the span
             rows_of.setdefault(tensor.device, []).append(np.array([row]))
             starts_of.setdefault(tensor.device, []).append(np.array([tensor.data_ptr()], dtype=np.int64))
     pairs: list[tuple[int, int]] = []
@@ -291,9 +290,13 @@ def _byte_ranges(tensor: torch.Tensor) -> tuple[npt.NDArray[np.int64], int]:
     """A tensor's bytes as sorted, disjoint ranges of one width: the whole tensor, or one per element."""
     if tensor.is_contiguous():
         return np.array([tensor.data_ptr()], dtype=np.int64), tensor.numel() * tensor.element_size()
-    last = sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
-    positions = torch.arange(last + 1, dtype=torch.int64).as_strided(tensor.shape, tensor.stride())
+    positions = torch.arange(_last_element(tensor) + 1, dtype=torch.int64).as_strided(tensor.shape, tensor.stride())
     return np.unique(positions.reshape(-1).numpy()) * tensor.element_size() + tensor.data_ptr(), tensor.element_size()
+
+
+def _last_element(tensor: torch.Tensor) -> int:
+    """How many elements past its first the tensor's last one lies (torch strides are never negative)."""
+    return sum((extent - 1) * step for extent, step in zip(tensor.shape, tensor.stride(), strict=True))
 
 
 # The exact check --------------------------------------------------------------------------------
