@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import IntegrityError
-from ..format.bits import element_words
+from ..errors import IntegrityError, StateMismatchError
+from ..format.bits import element_words, plain
 from . import batch
 from .layout import StoreLayout
 from .stepcodec import Decoded
@@ -75,3 +75,29 @@ def _not_written(decoded: Decoded, name: str) -> IntegrityError:
         f"{decoded.where}: tensor {name!r} does not read back what the step sets after it was written; "
         "the memory holding it changed underneath, or this is a bug: please report it"
     )
+
+
+def check_shared(
+    layout: StoreLayout,
+    views: list[torch.Tensor],
+    staged: list[torch.Tensor],
+    shared: list[tuple[int, int]],
+    decoded: Decoded,
+) -> None:
+    """Raises unless every target tensor that shares memory with another holds what the step gives it.
+
+    A base whose tensors overlapped (a buffer that is a view of a weight) is stored as separate
+    tensors whose bytes agree where they meet, and writing them one after the other leaves each
+    right. Tensors that share memory in the target but not in the saved state cannot all be right.
+    """
+    for first, second in shared:
+        for row in (first, second):
+            held = element_words(plain(views[row]).contiguous().cpu())
+            if not torch.equal(held, element_words(staged[row].contiguous())):
+                names = [layout.table.entries[number].name for number in (first, second)]
+                raise StateMismatchError(
+                    f"{decoded.where}: keys {names[0]!r} and {names[1]!r} of the target share memory, and the "
+                    f"step holds different values where they meet, so key {layout.table.entries[row].name!r} "
+                    "could not be loaded (the target now holds a mix); give each key its own tensor "
+                    "(for example with .clone()) before loading into it"
+                )

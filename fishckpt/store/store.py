@@ -28,7 +28,6 @@ from ..errors import (
     InvalidArgumentError,
     OutsideMaskError,
     OutsideMaskWarning,
-    StateMismatchError,
     StepExistsError,
     StepNotFoundError,
     StoreExistsError,
@@ -36,7 +35,6 @@ from ..errors import (
 )
 from ..format import stepfile
 from ..format import tree as tree_format
-from ..format.bits import element_words, plain
 from ..format.manifest import Manifest
 from ..format.names import (
     BASE_NAME,
@@ -604,7 +602,8 @@ class CheckpointStore:
             verify: As in ``load``; on the O(k) path the rewritten entries are checked.
 
         Raises:
-            StateMismatchError: ``target`` does not match the base.
+            StateMismatchError: ``target`` does not match the base, or two of its tensors share
+                memory where the saved state's did not (docs/exactness.md, "Switching").
             IntegrityError: As in ``load``.
         """
         step = check_step(step)
@@ -669,7 +668,7 @@ class CheckpointStore:
                 if stage is not view:
                     view.copy_(stage.view(view.shape))
             increment_version(views)
-            _check_shared(layout, views, staged, shared, decoded)
+            rebuild.check_shared(layout, views, staged, shared, decoded)
         self._residency.remember(owners, decoded, data)
 
     # Training state -------------------------------------------------------------------------------
@@ -891,32 +890,6 @@ def _json_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         tree_format.encode_tree(value, None, path=f"metadata key {key!r}")
     encoded = tree_format.encode_tree(dict(metadata), None, path="metadata")
     return encoded if isinstance(encoded, dict) else {"$items": encoded}
-
-
-def _check_shared(
-    layout: StoreLayout,
-    views: list[torch.Tensor],
-    staged: list[torch.Tensor],
-    shared: list[tuple[int, int]],
-    decoded: stepcodec.Decoded,
-) -> None:
-    """Raises unless every target tensor that shares memory with another holds what the step gives it.
-
-    A base whose tensors overlapped (a buffer that is a view of a weight) is stored as separate
-    tensors whose bytes agree where they meet, and writing them one after the other leaves each
-    right. Tensors that share memory in the target but not in the saved state cannot all be right.
-    """
-    for first, second in shared:
-        for row in (first, second):
-            held = element_words(plain(views[row]).contiguous().cpu())
-            if not torch.equal(held, element_words(staged[row].contiguous())):
-                names = [layout.table.entries[number].name for number in (first, second)]
-                raise StateMismatchError(
-                    f"{decoded.where}: keys {names[0]!r} and {names[1]!r} of the target share memory, and the "
-                    f"step holds different values where they meet, so key {layout.table.entries[row].name!r} "
-                    "could not be loaded (the target now holds a mix); give each key its own tensor "
-                    "(for example with .clone()) before loading into it"
-                )
 
 
 def _decoded_metadata(metadata: dict[str, Any], *, where: str) -> dict[str, Any]:
