@@ -107,7 +107,7 @@ class Rows:
             return cls(tensors)
         found = cls.__new__(cls)
         found.tensors = tensors
-        found.addresses = np.fromiter((tensor.data_ptr() for tensor in tensors), dtype=np.uint64, count=len(tensors))
+        found.addresses = np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.uint64, count=len(tensors))
         found.fallback = []
         return found
 
