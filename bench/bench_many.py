@@ -84,8 +84,9 @@ def run(report: Callable[[str], None], *, tensors: int = 20_000, size: int = 16,
             runs[f"safetensors save_file + fsync ({kind})"] = dense_save(kind, "safetensors")
             runs[f"torch.save + fsync ({kind})"] = dense_save(kind, "pt")
             # What any load returning independent tensors pays before reading a byte.
-            runs[f"torch.empty of each tensor ({kind})"] = lambda _, kind=kind: [
-                torch.empty(*tensor.shape, dtype=tensor.dtype) for tensor in bases[kind].values()
+            specs = [(tuple(tensor.shape), tensor.dtype) for tensor in bases[kind].values()]
+            runs[f"torch.empty of each tensor ({kind})"] = lambda _, specs=specs: [
+                torch.empty(*shape, dtype=dtype) for shape, dtype in specs
             ]
         timed = interleaved(rounds, runs)
         for kind in ("one", "many"):
