@@ -270,17 +270,21 @@ def overlapping(table: MaskTable, found: Rows) -> list[tuple[int, int]]:
         stops = starts + nbytes[rows]
         # Rows after position i that start before row i stops: none for disjoint contiguous rows.
         reach = np.searchsorted(starts, stops, side="left")
+        ranges: dict[int, tuple[npt.NDArray[np.int64], int]] = {}  # one strided view may meet many rows
         for position in np.flatnonzero(reach > np.arange(len(rows)) + 1):
             for other in range(position + 1, int(reach[position])):
                 first, second = sorted((int(rows[position]), int(rows[other])))
-                if _share_elements(found.tensors[first], found.tensors[second]):
+                for row in (first, second):
+                    if row not in ranges:
+                        ranges[row] = _byte_ranges(found.tensors[row])
+                if _share_bytes(ranges[first], ranges[second]):
                     pairs.append((first, second))
     return sorted(pairs)
 
 
-def _share_elements(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Whether two tensors whose spans meet have a byte in common, element by element where not contiguous."""
-    (starts, width), (others, other_width) = _byte_ranges(first), _byte_ranges(second)
+def _share_bytes(first: tuple[npt.NDArray[np.int64], int], second: tuple[npt.NDArray[np.int64], int]) -> bool:
+    """Whether two tensors' byte ranges (``_byte_ranges``) have a byte in common."""
+    (starts, width), (others, other_width) = first, second
     # For each range of the second: the last range of the first that starts before it ends.
     before = np.searchsorted(starts, others + other_width, side="left") - 1
     return bool(((before >= 0) & (starts[np.maximum(before, 0)] + width > others)).any())
