@@ -37,7 +37,8 @@ def apply(layout: StoreLayout, targets: list[torch.Tensor] | batch.Rows, decoded
     """Writes the step's masked values and outside-mask changes into ``targets`` (which hold the base there).
 
     With ``verify``, every entry the step sets is read back once written and compared with the
-    decoded (digest-proved) content. The targets must not share memory (``batch.overlapping``).
+    decoded (digest-proved) content. Targets that share memory are the caller's to write through
+    copies (``batch.overlapping``): a later write could change an earlier one after its read-back.
     """
     table = layout.table
     found = batch.rows(targets)

@@ -651,7 +651,10 @@ class CheckpointStore:
             found = batch.Rows(views)
             shared = batch.overlapping(layout.table, found)  # tensors that share memory: written through copies
             sharing = {row for pair in shared for row in pair}
-            direct = [view.is_contiguous() and not view.is_conj() and not view.is_neg() for view in views]
+            direct = [True] * len(views)  # written in place: the rows C takes, and contiguous plain tensors off the CPU
+            for row in found.fallback:
+                view = views[row]
+                direct[row] = view.is_contiguous() and not view.is_conj() and not view.is_neg()
             if held is not None and all(direct) and not shared:
                 switch(layout, found, held, decoded, verify=verify)
                 increment_version(views)
